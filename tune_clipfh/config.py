@@ -1,0 +1,550 @@
+"""One typed, validated schema for a training run.
+
+A run is described by one flat mapping of knobs (flat so that YAML files, ``--set key=value``
+overrides and Ray Tune parameter spaces all address the same names). Every knob of the upstream
+CLIP-FH Stage-2 YAML is accepted under its upstream name; knobs that upstream accepted but never
+used are accepted and reported as ignored, with the reason (see ``IGNORED_UPSTREAM_KEYS``).
+
+User errors raise :class:`ConfigError` with one line naming the file, the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+BACKBONE_BLOCKS = {"vitb16": 12, "rn50": 4}
+"""Image-tower blocks that ``unfreeze_blocks`` counts: ViT resblocks, ResNet layer1..layer4."""
+
+UPSTREAM_IDENTITY_PLACEHOLDER = "{}"
+CTX_PLACEHOLDER = "{ctx}"
+
+IGNORED_UPSTREAM_KEYS = {
+    "loss_list": "upstream built only SupCon from it; each loss is gated by its loss_use_* flag",
+    "shuffle": "upstream never read it; batches come from the P x K or random sampler (`sampler`)",
+    "pin_memory": "upstream never read it; images live in a decoded uint8 store in memory",
+    "num_workers": "images are decoded once into a shared uint8 store, so batches need no workers",
+    "input_size": "upstream never read it; the resolution follows the backbone profile (224 full, 64 tiny)",
+    "save_dir": "a run writes its checkpoints into its own run folder under output_dir",
+    "log_dir": "a run writes its logs into its own run folder under output_dir",
+}
+
+
+class ConfigError(ValueError):
+    """A user error in a configuration: one line, naming the source, the key and what is valid."""
+
+
+def knob(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+         high: float | None = None, low_open: bool = False, high_open: bool = False,
+         group: str = "run") -> Any:
+    """A schema field with its documentation and bounds (closed unless *_open)."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high,
+            "low_open": low_open, "high_open": high_open, "group": group}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Every knob of one training run (upstream Stage-2 names first, then ours)."""
+
+    # --- identification of the run (upstream) ---
+    experiment: str = knob("tiny_synthetic", "run name, used for the run folder")
+    dataset: Literal["11k", "hd"] = knob("11k", "dataset protocol of data_dir")
+    aspect: Literal["dorsal_r", "dorsal_l", "palmar_r", "palmar_l"] = knob(
+        "dorsal_r", "hand aspect (11k); named in the prompt")
+    model: Literal["vitb16", "rn50"] = knob("vitb16", "CLIP backbone", group="model")
+    variant: str = knob("clipid", "free-form variant tag (upstream naming only)")
+
+    # --- prompt learner (upstream) ---
+    n_ctx: int = knob(4, "learnable context tokens per identity", low=1, high=32, group="prompt")
+    ctx_init: str | None = knob(None, "phrase whose token embeddings initialise the context",
+                                group="prompt")
+    prompt_template: str = knob(
+        "A photo of a {ctx} {aspect} hand.",
+        "prompt template; {ctx} marks the identity's context tokens ({} in upstream files)",
+        group="prompt")
+    prompt_template_list: list[str] | None = knob(
+        None, "extra templates; text features are averaged over them", group="prompt")
+    freeze_prompt: bool = knob(True, "stage 2 uses the stage-1 prompts frozen (CLIP-ReID)",
+                               group="prompt")
+    freeze_text_encoder: bool = knob(True, "keep the CLIP text transformer frozen (B10)",
+                                     group="prompt")
+
+    # --- stages (upstream) ---
+    stage_mode: Literal["prompt_then_image", "prompt_only", "image_only"] = knob(
+        "prompt_then_image", "which stages run", group="schedule")
+    epochs_prompt: int = knob(10, "stage-1 epochs", low=0, high=10_000, group="schedule")
+    epochs_image: int = knob(10, "stage-2 epochs (maximum)", low=0, high=10_000, group="schedule")
+    early_stop_patience: int = knob(
+        5, "stage-2 epochs without a better validation Rank-1 before stopping (0: off)",
+        low=0, high=10_000, group="schedule")
+
+    # --- learning rates and weight decay (upstream); None falls back to lr / weight_decay ---
+    lr: float = knob(1e-4, "default learning rate of every group without its own", low=0,
+                     low_open=True, high=10, group="optim")
+    lr_visual: float | None = knob(None, "image-encoder learning rate", low=0, low_open=True,
+                                   high=10, group="optim")
+    lr_prompt: float | None = knob(None, "prompt-context learning rate", low=0, low_open=True,
+                                   high=10, group="optim")
+    lr_text: float | None = knob(None, "text-encoder learning rate (when trainable)", low=0,
+                                 low_open=True, high=10, group="optim")
+    lr_head: float | None = knob(None, "BNNeck and ID-head learning rate", low=0,
+                                 low_open=True, high=10, group="optim")
+    weight_decay: float = knob(5e-4, "default weight decay", low=0, high=1, group="optim")
+    weight_decay_visual: float | None = knob(None, "image-encoder weight decay", low=0, high=1,
+                                             group="optim")
+    weight_decay_prompt: float | None = knob(None, "prompt weight decay", low=0, high=1,
+                                             group="optim")
+    weight_decay_text: float | None = knob(None, "text-encoder weight decay", low=0, high=1,
+                                           group="optim")
+    weight_decay_head: float | None = knob(None, "head weight decay", low=0, high=1,
+                                           group="optim")
+    center_lr: float = knob(0.5, "SGD learning rate of the center-loss centres", low=0,
+                            low_open=True, high=100, group="loss")
+    center_loss_weight: float = knob(5e-4, "weight of the center loss", low=0, high=100,
+                                     group="loss")
+
+    # --- heads and losses (upstream) ---
+    use_arcface: bool | None = knob(None, "upstream alias: true selects id_head: arcface",
+                                    group="loss")
+    arcface_scale: float = knob(30.0, "ArcFace scale s", low=0, low_open=True, high=256,
+                                group="loss")
+    arcface_margin: float = knob(0.5, "ArcFace additive angular margin m (radians)", low=0,
+                                 high=math.pi / 2, high_open=True, group="loss")
+    loss_list: list[str] | None = knob(None, "(ignored: see IGNORED_UPSTREAM_KEYS)",
+                                       group="loss")
+    loss_use_supcon: bool = knob(True, "SupCon image<->text (stage 1) loss", group="loss")
+    loss_use_arcface: bool | None = knob(None, "upstream alias: true selects id_head: arcface",
+                                         group="loss")
+    loss_use_triplet: bool = knob(True, "batch-hard triplet loss (stage 2)", group="loss")
+    loss_use_center: bool = knob(False, "center loss (stage 2)", group="loss")
+    loss_use_id: bool = knob(True, "ID cross-entropy through the ID head (stage 2)",
+                             group="loss")
+    loss_use_i2t: bool = knob(True, "stage-2 image-to-all-identities text cross-entropy",
+                              group="loss")
+    unfreeze_blocks: int = knob(
+        2, "train the last N image-tower blocks (ViT resblocks 0..12, RN50 layers 0..4)",
+        low=0, group="model")
+    unfreeze_mode: Literal["last_n", "all"] = knob(
+        "last_n", "last_n: the last unfreeze_blocks blocks; all: the whole image tower "
+        "including stem and projection (upstream v1-v5)", group="model")
+
+    # --- data loading (upstream) ---
+    batch_size: int = knob(32, "images per stage-2 batch (and stage-1 feature batch)", low=2,
+                           high=4096, group="data")
+    num_workers: int = knob(0, "(ignored: see IGNORED_UPSTREAM_KEYS)", low=0, high=256,
+                            group="data")
+    shuffle: bool = knob(True, "(ignored)", group="data")
+    pin_memory: bool = knob(False, "(ignored)", group="data")
+    input_size: int | None = knob(None, "(ignored)", low=8, high=4096, group="data")
+    output_dir: str = knob("runs", "folder that receives the run folder")
+    save_dir: str | None = knob(None, "(ignored)")
+    log_dir: str | None = knob(None, "(ignored)")
+
+    # --- ours: model ---
+    profile: Literal["full", "tiny"] = knob(
+        "full", "full: real architectures at 224 px; tiny: small random-init configs at 64 px",
+        group="model")
+    pretrained: str = knob(
+        "auto", "openai | none | path to a local weights file (auto: openai for full, "
+        "none for tiny)", group="model")
+    id_head: Literal["linear", "arcface"] | None = knob(
+        None, "ID head after the BNNeck (default linear, or arcface via use_arcface)",
+        group="loss")
+
+    # --- ours: optimisation ---
+    optimizer: Literal["adam", "adamw", "sgd"] = knob("adamw", "stage-2 optimizer",
+                                                      group="optim")
+    prompt_optimizer: Literal["adam", "adamw", "sgd"] = knob("adam", "stage-1 optimizer",
+                                                             group="optim")
+    scheduler: Literal["cosine", "onecycle", "step", "constant"] = knob(
+        "cosine", "stage-2 learning-rate schedule", group="optim")
+    scheduler_step: Literal["epoch", "batch"] = knob(
+        "epoch", "step the schedule per epoch or per batch (horizon scales accordingly)",
+        group="optim")
+    eta_min: float = knob(1e-6, "cosine floor learning rate", low=0, high=10, group="optim")
+    warmup_epochs: float = knob(0.0, "linear warm-up length in epochs (cosine, step)", low=0,
+                                high=1000, group="optim")
+    warmup_start_factor: float = knob(0.1, "warm-up starts at this fraction of each rate",
+                                      low=0, low_open=True, high=1, group="optim")
+    onecycle_pct_start: float = knob(0.1, "OneCycle share of steps spent rising", low=0,
+                                     low_open=True, high=1, high_open=True, group="optim")
+    onecycle_div_factor: float = knob(25.0, "OneCycle initial rate = max / div_factor", low=1,
+                                      high=1e6, group="optim")
+    step_milestones: list[int] = knob([30, 50], "epochs where the step schedule decays",
+                                      group="optim")
+    step_gamma: float = knob(0.1, "step-schedule decay factor", low=0, low_open=True, high=1,
+                             group="optim")
+    prompt_warmup_epochs: float = knob(0.0, "stage-1 linear warm-up in epochs", low=0,
+                                       high=1000, group="optim")
+    max_norm: float | None = knob(None, "gradient clipping max norm (none: off)", low=0,
+                                  low_open=True, high=1e6, group="optim")
+
+    # --- ours: loss weights and options ---
+    weight_id: float = knob(1.0, "weight of the ID loss", low=0, high=100, group="loss")
+    weight_triplet: float = knob(1.0, "weight of the triplet loss", low=0, high=100,
+                                 group="loss")
+    weight_supcon: float = knob(1.0, "weight of each SupCon direction (stage 1)", low=0,
+                                high=100, group="loss")
+    weight_i2t: float = knob(1.0, "weight of the stage-2 i2t loss", low=0, high=100,
+                             group="loss")
+    triplet_margin: float = knob(0.3, "triplet margin", low=0, high=10, group="loss")
+    label_smoothing: float = knob(0.0, "label smoothing of the ID and i2t cross-entropies",
+                                  low=0, high=1, high_open=True, group="loss")
+
+    # --- ours: sampling and augmentation ---
+    sampler: Literal["pk", "random"] = knob("pk", "P x K identity sampler or random batches",
+                                            group="data")
+    pk_k: int = knob(4, "images per identity in a P x K batch (P = batch_size / K)", low=1,
+                     high=1024, group="data")
+    aug_hflip: float = knob(0.5, "horizontal-flip probability", low=0, high=1, group="data")
+    aug_pad_crop: int = knob(0, "pixels of padding before a random crop (0: off)", low=0,
+                             high=256, group="data")
+    aug_random_erasing: float = knob(0.0, "random-erasing probability", low=0, high=1,
+                                     group="data")
+
+    # --- ours: data and evaluation ---
+    data_dir: str | None = knob(
+        None, "prepared dataset folder (manifest.json); none: the embedded synthetic dataset",
+        group="data")
+    cache_dir: str | None = knob(None, "decoded-image cache (default ~/.cache/tune-clipfh)",
+                                 group="data")
+    eval_metric: Literal["cosine", "euclidean"] = knob("cosine", "retrieval distance",
+                                                       group="eval")
+    eval_ap: Literal["standard", "trapezoid"] = knob(
+        "standard", "AP definition (trapezoid: the MBA-Net variant)", group="eval")
+    eval_feature: Literal["pre_bn", "post_bn"] = knob(
+        "pre_bn", "retrieval feature: before or after the BNNeck", group="eval")
+    eval_flip: bool = knob(False, "average features of each image and its mirror",
+                           group="eval")
+
+    # --- ours: execution ---
+    seed: int = knob(0, "seed for every random stream", low=0, high=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: cuda when available")
+    amp: Literal["auto", "off", "bf16", "fp16"] = knob(
+        "auto", "mixed precision on CUDA (auto: bf16 where supported); always fp32 on CPU")
+    checkpoint_every: int = knob(1, "epochs between resumable checkpoints", low=1,
+                                 high=10_000)
+
+    # -------------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> int:
+        return BACKBONE_BLOCKS[self.model]
+
+    @property
+    def pk_p(self) -> int:
+        return self.batch_size // self.pk_k
+
+    def group_lr(self, group: str) -> float:
+        """Learning rate of a parameter group (visual, prompt, text, head)."""
+        value = getattr(self, f"lr_{group}")
+        return self.lr if value is None else value
+
+    def group_weight_decay(self, group: str) -> float:
+        value = getattr(self, f"weight_decay_{group}")
+        return self.weight_decay if value is None else value
+
+    @property
+    def resolved_pretrained(self) -> str:
+        if self.pretrained == "auto":
+            return "openai" if self.profile == "full" else "none"
+        return self.pretrained
+
+    def template_error(self) -> str | None:
+        if self.prompt_template.count(CTX_PLACEHOLDER) != 1:
+            return (f"{self.prompt_template!r} must contain the identity placeholder "
+                    f"{CTX_PLACEHOLDER} exactly once")
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class LoadedConfig:
+    config: RunConfig
+    notes: list[str]  # ignored upstream keys and translations, one human line each
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: key '{key}'"
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    return tp.__name__
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently coerce) a YAML value against a schema type."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not valid (valid: "
+                              f"{', '.join(str(a) for a in allowed)})")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, get_args(tp)[0], where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported schema type {tp!r}")  # a bug in the schema, not user input
+
+
+def _check_bounds(name: str, value: Any, where: str) -> None:
+    meta = FIELDS[name].metadata
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v is None or isinstance(v, (bool, str)):
+            continue
+        low, high = meta["low"], meta["high"]
+        too_low = low is not None and (v <= low if meta["low_open"] else v < low)
+        too_high = high is not None and (v >= high if meta["high_open"] else v > high)
+        if too_low or too_high:
+            left = "(" if meta["low_open"] else "["
+            right = ")" if meta["high_open"] else "]"
+            raise ConfigError(f"{where}: {v!r} is out of range (valid: {left}"
+                              f"{_fmt(low)}, {_fmt(high)}{right})")
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "inf"
+    if isinstance(x, float) and abs(x - math.pi / 2) < 1e-12:
+        return "pi/2"
+    return f"{x:g}"
+
+
+def suggest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _translate_upstream(values: dict[str, Any], source: str, notes: list[str]) -> None:
+    """Map upstream spellings onto ours, recording what was translated or ignored."""
+    for key, reason in IGNORED_UPSTREAM_KEYS.items():
+        if key in values:
+            notes.append(f"{source}: '{key}' accepted and ignored: {reason}")
+    template = values.get("prompt_template")
+    if isinstance(template, str) and CTX_PLACEHOLDER not in template \
+            and template.count(UPSTREAM_IDENTITY_PLACEHOLDER) == 1:
+        values["prompt_template"] = template.replace(UPSTREAM_IDENTITY_PLACEHOLDER,
+                                                     CTX_PLACEHOLDER)
+        notes.append(f"{source}: 'prompt_template' upstream '{{}}' read as the identity "
+                     f"context placeholder {{ctx}} (upstream never formatted it: B3)")
+    templates = values.get("prompt_template_list")
+    if isinstance(templates, list):
+        values["prompt_template_list"] = [
+            t.replace(UPSTREAM_IDENTITY_PLACEHOLDER, CTX_PLACEHOLDER)
+            if isinstance(t, str) and CTX_PLACEHOLDER not in t else t for t in templates]
+
+
+def build_config(values: dict[str, Any], source: str = "<config>") -> LoadedConfig:
+    """Validate a flat mapping of knobs into a RunConfig (unknown keys, types, ranges, logic)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping of key: value at the top level, "
+                          f"got {type(values).__name__}")
+    values = dict(values)
+    notes: list[str] = []
+    for key in values:
+        if not isinstance(key, str) or key not in FIELDS:
+            raise ConfigError(f"{_where(source, str(key))}: unknown key{suggest(str(key), FIELDS)}"
+                              f" (see `tune-clipfh config keys`)")
+    _translate_upstream(values, source, notes)
+    checked = {}
+    for key, value in values.items():
+        where = _where(source, key)
+        checked[key] = _coerce(value, _TYPES[key], where)
+        _check_bounds(key, checked[key], where)
+    config = RunConfig(**checked)
+    _resolve_aliases(config, source, notes)
+    _check_consistency(config, source, values)
+    return LoadedConfig(config, notes)
+
+
+def _resolve_aliases(config: RunConfig, source: str, notes: list[str]) -> None:
+    aliases = {k: getattr(config, k) for k in ("use_arcface", "loss_use_arcface")
+               if getattr(config, k) is not None}
+    wanted = {v for v in aliases.values()}
+    if len(wanted) > 1:
+        raise ConfigError(f"{source}: key 'loss_use_arcface': {aliases['loss_use_arcface']} "
+                          f"contradicts 'use_arcface': {aliases['use_arcface']} "
+                          f"(set both alike, or set id_head)")
+    if wanted:
+        implied = "arcface" if wanted.pop() else "linear"
+        if config.id_head is not None and config.id_head != implied:
+            raise ConfigError(f"{source}: key 'id_head': {config.id_head!r} contradicts "
+                              f"{'/'.join(aliases)} (which select {implied!r})")
+        if config.id_head is None:
+            notes.append(f"{source}: {'/'.join(aliases)} -> id_head: {implied} "
+                         f"(the ArcFace head is trained and in the ID loss: B4, B5)")
+        config.id_head = implied
+    if config.id_head is None:
+        config.id_head = "linear"
+    config.use_arcface = config.loss_use_arcface = config.id_head == "arcface"
+
+
+def _check_consistency(c: RunConfig, source: str, given: dict[str, Any]) -> None:
+    def fail(key: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{_where(source, key)}: {message}")
+
+    if c.unfreeze_blocks > c.blocks:
+        fail("unfreeze_blocks", f"{c.unfreeze_blocks} is out of range for model {c.model}, "
+             f"whose image tower has {c.blocks} blocks (valid: 0..{c.blocks})")
+    if c.sampler == "pk" and c.batch_size % c.pk_k:
+        fail("pk_k", f"P x K sampling needs batch_size divisible by pk_k "
+             f"(batch_size {c.batch_size}, pk_k {c.pk_k})")
+    if c.sampler == "pk" and c.pk_p < 2:
+        fail("pk_k", f"P x K sampling needs at least 2 identities per batch "
+             f"(batch_size {c.batch_size} / pk_k {c.pk_k} = {c.pk_p})")
+    runs_prompt = c.stage_mode in ("prompt_then_image", "prompt_only")
+    runs_image = c.stage_mode in ("prompt_then_image", "image_only")
+    if runs_prompt and c.epochs_prompt == 0:
+        fail("epochs_prompt", f"stage_mode {c.stage_mode} runs the prompt stage, which needs "
+             f"epochs_prompt >= 1")
+    if runs_image and c.epochs_image == 0:
+        fail("epochs_image", f"stage_mode {c.stage_mode} runs the image stage, which needs "
+             f"epochs_image >= 1")
+    if runs_prompt and not c.loss_use_supcon:
+        fail("loss_use_supcon", "the prompt stage trains only through SupCon; "
+             "turn it on or use stage_mode: image_only")
+    image_losses = [c.loss_use_id, c.loss_use_triplet, c.loss_use_center,
+                    c.loss_use_i2t and c.stage_mode == "prompt_then_image"]
+    if runs_image and not any(image_losses):
+        fail("loss_use_id", "every image-stage loss is off (loss_use_id, loss_use_triplet, "
+             "loss_use_center, loss_use_i2t): turn at least one on")
+    if c.template_error():
+        fail("prompt_template", c.template_error())
+    for template in c.prompt_template_list or []:
+        if template.count(CTX_PLACEHOLDER) != 1:
+            fail("prompt_template_list", f"{template!r} must contain {CTX_PLACEHOLDER} once")
+    if c.profile == "tiny" and c.resolved_pretrained == "openai":
+        fail("pretrained", "the tiny profile has no pretrained weights (valid: none)")
+    if c.scheduler == "step" and sorted(c.step_milestones) != c.step_milestones:
+        fail("step_milestones", f"{c.step_milestones} must be increasing")
+
+
+def parse_overrides(pairs: typing.Sequence[str], source: str = "--set") -> dict[str, Any]:
+    """``key=value`` strings -> mapping, values parsed as YAML scalars (``lr=1e-5``, ``x=null``)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{source}: {pair!r} is not of the form key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping; malformed YAML names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{line}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                extra: dict[str, Any] | None = None) -> LoadedConfig:
+    """YAML file (optional) + ``extra`` mapping + ``--set`` overrides -> validated config."""
+    values = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    values.update(extra or {})
+    override_values = parse_overrides(overrides)
+    for key in override_values:
+        if key not in FIELDS:
+            raise ConfigError(f"--set: key '{key}': unknown key{suggest(key, FIELDS)}")
+    values.update(override_values)
+    if override_values:
+        source = f"{source} (with --set)"
+    return build_config(values, source)
+
+
+def describe_keys() -> str:
+    """One line per knob: name, type, default, help (for `tune-clipfh config keys`)."""
+    lines = []
+    for f in fields(RunConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{f.name:24s} {_type_name(_TYPES[f.name]):40s} "
+                     f"default {default!r:28s} {f.metadata['help']}")
+    return "\n".join(lines)
