@@ -21,6 +21,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .errors import UserError
+
 BACKBONE_BLOCKS = {"vitb16": 12, "rn50": 4}
 """Image-tower blocks that ``unfreeze_blocks`` counts: ViT resblocks, ResNet layer1..layer4."""
 
@@ -38,7 +40,7 @@ IGNORED_UPSTREAM_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user error in a configuration: one line, naming the source, the key and what is valid."""
 
 

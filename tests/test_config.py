@@ -1,0 +1,117 @@
+"""The run-config schema: round trips, upstream files, and one-line errors for bad input."""
+
+import math
+
+import pytest
+import yaml
+
+from tune_clipfh.cli import main
+from tune_clipfh.config import ConfigError, RunConfig, build_config, load_config, read_yaml
+
+UPSTREAM_FILES = ["configs/vitb16_11k_dorsal_r.yaml", "configs/rn50_11k_dorsal_r.yaml"]
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    config = build_config({}).config
+    path = tmp_path / "c.yaml"
+    path.write_text(config.to_yaml())
+    again = load_config(path).config
+    assert again == config
+
+
+@pytest.mark.parametrize("path", UPSTREAM_FILES)
+def test_upstream_format_loads_as_is_and_reports_ignored_keys(path):
+    loaded = load_config(path)
+    ignored = {note.split("'")[1] for note in loaded.notes if "accepted and ignored" in note}
+    assert {"loss_list", "shuffle", "pin_memory", "num_workers", "input_size", "save_dir",
+            "log_dir"} <= ignored
+    config = loaded.config
+    # Upstream '{}' becomes our explicit context placeholder; ArcFace flags select the head.
+    assert config.prompt_template == "A photo of {ctx}'s {aspect} hand for identification."
+    assert config.id_head == "arcface" and config.loss_use_arcface
+    assert isinstance(config.lr_visual, float)  # "1e-5" is a string to YAML 1.1
+
+
+def test_set_overrides_apply_with_yaml_scalars():
+    config = load_config("configs/tiny_synthetic.yaml",
+                         ["lr_visual=2e-5", "loss_use_center=true", "ctx_init=null"]).config
+    assert config.lr_visual == 2e-5 and config.loss_use_center and config.ctx_init is None
+
+
+def test_group_rates_fall_back_to_lr():
+    config = build_config({"lr": 3e-4, "lr_visual": 1e-5}).config
+    assert config.group_lr("visual") == 1e-5
+    assert config.group_lr("text") == 3e-4
+    assert config.group_weight_decay("head") == config.weight_decay
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"unfreez_blocks": 2}, "key 'unfreez_blocks': unknown key (did you mean 'unfreeze_blocks'?)"),
+    ({"unfreeze_blocks": 13}, "key 'unfreeze_blocks': 13 is out of range for model vitb16, "
+                              "whose image tower has 12 blocks (valid: 0..12)"),
+    ({"model": "rn50", "unfreeze_blocks": 5}, "whose image tower has 4 blocks (valid: 0..4)"),
+    ({"lr_visual": -1e-5}, "key 'lr_visual': -1e-05 is out of range (valid: (0, 10])"),
+    ({"arcface_margin": math.pi / 2}, "key 'arcface_margin': 1.5707963267948966 is out of "
+                                      "range (valid: [0, pi/2))"),
+    ({"arcface_margin": -0.1}, "key 'arcface_margin': -0.1 is out of range"),
+    ({"n_ctx": "four"}, "key 'n_ctx': expected an integer, got 'four'"),
+    ({"loss_use_triplet": "yes please"}, "key 'loss_use_triplet': expected true or false"),
+    ({"model": "vit"}, "key 'model': 'vit' is not valid (valid: vitb16, rn50)"),
+    ({"batch_size": 30, "pk_k": 4}, "key 'pk_k': P x K sampling needs batch_size divisible by "
+                                    "pk_k (batch_size 30, pk_k 4)"),
+    ({"stage_mode": "prompt_only", "epochs_prompt": 0}, "key 'epochs_prompt': stage_mode "
+                                                        "prompt_only runs the prompt stage"),
+    ({"loss_use_id": False, "loss_use_triplet": False, "loss_use_center": False,
+      "loss_use_i2t": False}, "every image-stage loss is off"),
+    ({"prompt_template": "a hand"}, "key 'prompt_template': 'a hand' must contain"),
+    ({"use_arcface": True, "loss_use_arcface": False}, "contradicts"),
+    ({"profile": "tiny", "pretrained": "openai"}, "key 'pretrained': the tiny profile has no"),
+])
+def test_bad_values_give_one_line_errors_naming_the_key(values, message):
+    with pytest.raises(ConfigError) as info:
+        build_config(values, "my.yaml")
+    text = str(info.value)
+    assert "\n" not in text
+    assert text.startswith("my.yaml")
+    assert message in text
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: vitb16\nlr: [1e-4\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+: malformed YAML"):
+        read_yaml(path)
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        read_yaml(path)
+
+
+def test_unknown_override_key_is_refused():
+    with pytest.raises(ConfigError, match="--set: key 'seeed': unknown key .*'seed'"):
+        load_config(None, ["seeed=1"])
+
+
+def test_cli_config_check_accepts_upstream_and_refuses_bad_input(tmp_path, capsys):
+    assert main(["config", "check", UPSTREAM_FILES[0]]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["unfreeze_blocks"] == 12 and printed["id_head"] == "arcface"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: vitb16\nunfreeze_blocks: 13\n")
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {bad}: key 'unfreeze_blocks': 13 is out of range for model vitb16, "
+                   "whose image tower has 12 blocks (valid: 0..12)"]
+    assert main(["config", "check", UPSTREAM_FILES[0], "--set", "lr=-1"]) == 2
+    assert "key 'lr': -1.0 is out of range" in capsys.readouterr().err
+
+
+def test_every_field_is_documented():
+    import dataclasses
+
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata.get("help"), f.name

@@ -1,0 +1,181 @@
+"""Command line: argument parsing only; each verb calls one function of a layer.
+
+User errors (bad config, bad data, unloadable weights) print one ``error:`` line and exit 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import describe_keys, load_config
+from .errors import UserError
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from .data.synth import synthesize
+
+    started = time.perf_counter()
+    out = synthesize(args.out, identities=args.identities,
+                     images_per_identity=args.images_per_identity, seed=args.seed)
+    print(f"synthetic dataset written to {out} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    common = dict(seed=args.seed, identity_split=args.identity_split,
+                  val_fraction=args.val_fraction, num_splits=args.num_splits)
+    if args.dataset == "11k":
+        from .data.hands11k import prepare_11k
+
+        manifest = prepare_11k(args.src, args.aspect, args.out,
+                               cross_aspect_gallery=args.cross_aspect_gallery, **common)
+    else:
+        from .data.hd import prepare_hd
+
+        manifest = prepare_hd(args.src, args.out, **common)
+    print(manifest.summary())
+    print(f"manifest written to {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    loaded = load_config(args.file, args.set)
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(loaded.config.to_yaml(), end="")
+    print(f"# {args.file}: valid", file=sys.stderr)
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    print(describe_keys())
+    return 0
+
+
+def _run_folder(out: str | None, output_dir: str, experiment: str) -> Path:
+    if out:
+        return Path(out)
+    return Path(output_dir) / f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.run import result_lines, train_run
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        loaded = load_config(run_dir / "config.yaml", args.set)
+    else:
+        loaded = load_config(args.config, args.set)
+        run_dir = _run_folder(args.out, loaded.config.output_dir, loaded.config.experiment)
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    started = time.perf_counter()
+    result = train_run(loaded.config, run_dir, resume=bool(args.resume),
+                       progress=not args.no_progress)
+    wall = time.perf_counter() - started
+    print(f"run folder: {run_dir}")
+    print(f"status: {result.status}; epochs run: {result.epochs_run}; wall time {wall:.1f}s")
+    if result.best_epoch is not None:
+        print(f"best validation (stage-2 epoch {result.best_epoch}): "
+              f"Rank-1 {result.best_val['rank1'] * 100:.2f} %, mAP {result.best_val['mAP'] * 100:.2f} %")
+    if result.test is not None:
+        print(f"test, mean +- std over {len(result.test['per_split'])} splits:")
+        for line in result_lines(result.test):
+            print(f"  {line}")
+    if result.status == "diverged":
+        print(f"diverged at {result.diverged_at}")
+        return 3
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.run import evaluate_run, result_lines
+
+    test = evaluate_run(Path(args.run), progress=not args.no_progress)
+    if args.json:
+        from .train.run import jsonable
+
+        print(json.dumps(jsonable({"mean": test["mean"], "std": test["std"]}), indent=1))
+    else:
+        print(f"test, mean +- std over {len(test['per_split'])} splits:")
+        for line in result_lines(test):
+            print(f"  {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tune-clipfh",
+        description="Hyperparameter search for CLIP-ReID-style hand identification")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="synthesise or prepare datasets").add_subparsers(
+        dest="data_verb", required=True)
+    synth = data.add_parser("synth", help="write a synthetic 11k-like dataset")
+    synth.add_argument("out")
+    synth.add_argument("--identities", type=int, default=60)
+    synth.add_argument("--images-per-identity", type=int, default=10)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+
+    prepare = data.add_parser("prepare", help="build a manifest (train, val, 10 splits)")
+    prepare.add_argument("--dataset", choices=("11k", "hd"), default="11k")
+    prepare.add_argument("--src", required=True, help="dataset folder (11k: HandInfo.csv, Hands/)")
+    prepare.add_argument("--aspect", choices=("dorsal_r", "dorsal_l", "palmar_r", "palmar_l"),
+                         default="dorsal_r")
+    prepare.add_argument("--out", required=True)
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.add_argument("--identity-split", choices=("half", "upstream"), default="half",
+                         help="half: first half of sorted identities; upstream: thesis thresholds")
+    prepare.add_argument("--val-fraction", type=float, default=0.2,
+                         help="share of training identities held out for validation")
+    prepare.add_argument("--num-splits", type=int, default=10)
+    prepare.add_argument("--cross-aspect-gallery", action="store_true",
+                         help="also build pooled galleries of all four aspects (MBA-Net)")
+    prepare.set_defaults(func=cmd_data_prepare)
+
+    config = verbs.add_parser("config", help="validate configurations").add_subparsers(
+        dest="config_verb", required=True)
+    check = config.add_parser("check", help="validate a YAML file and print it resolved")
+    check.add_argument("file")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    check.set_defaults(func=cmd_config_check)
+    keys = config.add_parser("keys", help="list every configuration key")
+    keys.set_defaults(func=cmd_config_keys)
+
+    train = verbs.add_parser("train", help="train one configuration (both stages + test)")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML configuration")
+    source.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--out", help="run folder (default: output_dir/experiment-time)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = verbs.add_parser("eval", help="re-evaluate a saved run on its 10 splits")
+    evaluate.add_argument("--run", required=True)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Re-ID retrieval metrics (CMC, mAP, mINP) and the 10-split hand-ReID evaluation protocol.
+
+Small pure functions in the style of torchreid's ``metrics/rank.py``, but vectorised on torch
+and processed in query chunks so memory stays bounded for large query x gallery problems.
+
+Definitions (hand datasets have no camera ids, so there is no same-camera junk filtering):
+
+* A query is *valid* when its identity occurs in the gallery; invalid queries are excluded from
+  every average and counted in ``num_excluded_queries``.
+* CMC@k: fraction of valid queries with at least one correct match in the top k.
+* ``ap="standard"`` (torchreid ``eval_market1501``, CLIP-ReID ``eval_func``, the thesis's
+  ``engine/evaluator.py``): AP = mean over positives of precision at that positive's rank.
+  With one positive, AP = 1/rank.
+* ``ap="trapezoid"`` (MBA-Net / CLIP-HandID ``compute_mAP``, the Market-1501 devkit lineage):
+  hit i (1-based) at rank r_i contributes ``(precision_i + old_precision_i) / 2 / n_pos`` with
+  ``precision_i = i / r_i`` and ``old_precision_i = (i - 1) / (r_i - 1)``, or 1 when r_i = 1.
+  With one positive, AP = 1 at rank 1 and 1/(2 * rank) otherwise.
+* mINP (fast-reid): ``n_pos / rank of the hardest (last-ranked) positive``, averaged.
+
+Ties: each distance row is sorted with a *stable* ascending sort, so gallery items at equal
+distance are ranked by gallery index, lower index first. (The thesis ranked with
+``argsort(score)[::-1]``, which breaks ties toward the higher index; with continuous features
+ties are essentially absent, so this only matters for degenerate inputs.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+AP_MODES = ("standard", "trapezoid")
+METRICS = ("cosine", "euclidean")
+# Reported in every result, whatever extra ranks are requested: the upstream tables need them.
+DEFAULT_RANKS = (1, 5, 10)
+
+# Budget for the per-chunk intermediates of the ranking code. Per distance-matrix element a
+# chunk holds at most: the distance block (8 B), sorted values (8 B), sort indices (8 B),
+# gathered gallery codes (8 B), the match mask (1 B) and, in the worst case of an all-positive
+# gallery, two int64 hit coordinates (16 B); 64 B is a round upper bound.
+CHUNK_MEMORY_BYTES = 64 * 2**20
+BYTES_PER_ELEMENT = 64
+
+UPSTREAM_NUM_SPLITS = 10
+_UPSTREAM_METRICS = (("R1", "rank1"), ("R5", "rank5"), ("R10", "rank10"), ("mAP", "mAP"))
+UPSTREAM_COLUMNS = tuple(
+    f"split{split}_{column}"
+    for split in range(1, UPSTREAM_NUM_SPLITS + 1)
+    for column, _ in _UPSTREAM_METRICS
+) + tuple(f"final_{column}" for column, _ in _UPSTREAM_METRICS)
+
+
+# --------------------------------------------------------------------------------------------
+# Input normalisation
+# --------------------------------------------------------------------------------------------
+
+
+def _label_list(labels) -> list:
+    """Identity labels as a list of plain hashable Python values."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1:
+            raise ValueError(f"ids must be one-dimensional, got shape {labels.shape}")
+        return labels.tolist()
+    return list(labels)
+
+
+def _encode_ids(query_ids, gallery_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map query and gallery labels (any hashable values) jointly to int64 codes."""
+    # A dict rather than np.unique: labels of mixed types (e.g. 1 and "1") must stay distinct.
+    codes: dict = {}
+    query = [codes.setdefault(label, len(codes)) for label in _label_list(query_ids)]
+    gallery = [codes.setdefault(label, len(codes)) for label in _label_list(gallery_ids)]
+    return (
+        torch.tensor(query, dtype=torch.int64),
+        torch.tensor(gallery, dtype=torch.int64),
+    )
+
+
+def _as_matrix(values, name: str) -> torch.Tensor:
+    """A 2-D tensor view of ``values`` (no copy for numpy arrays and tensors)."""
+    tensor = torch.as_tensor(values)
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be two-dimensional, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _widen(tensor: torch.Tensor) -> torch.Tensor:
+    """float32/64 as is; anything else (half precision, integers) as float32, which is exact
+    for half precision and so keeps its ties."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def _as_float_matrix(values, name: str) -> torch.Tensor:
+    return _widen(_as_matrix(values, name))
+
+
+def _check_choice(value: str, valid: Sequence[str], name: str) -> None:
+    if value not in valid:
+        raise ValueError(f"invalid {name} {value!r}; valid values are {', '.join(valid)}")
+
+
+def _check_ranks(ranks: Iterable[int]) -> tuple[int, ...]:
+    ranks = tuple(ranks)
+    if any(int(k) != k or k < 1 for k in ranks):
+        raise ValueError(f"ranks must be positive integers, got {ranks}")
+    return tuple(sorted(set(DEFAULT_RANKS) | {int(k) for k in ranks}))
+
+
+def rows_per_chunk(num_gallery: int, memory_bytes: int = CHUNK_MEMORY_BYTES) -> int:
+    """Number of query rows whose ranking intermediates fit in ``memory_bytes``."""
+    return max(1, memory_bytes // (BYTES_PER_ELEMENT * max(1, num_gallery)))
+
+
+def _chunk_rows(chunk_size: int | None, num_gallery: int) -> int:
+    if chunk_size is None:
+        return rows_per_chunk(num_gallery)
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking core, shared by the distance-matrix and the feature paths
+# --------------------------------------------------------------------------------------------
+
+
+def _chunk_statistics(distance: torch.Tensor, query_codes: torch.Tensor,
+                      gallery_codes: torch.Tensor, ap: str) -> dict:
+    """First-hit rank histogram, and AP and INP of each valid query of one chunk."""
+    if torch.isnan(distance).any():
+        raise ValueError("distance contains NaN; cannot rank (diverged features?)")
+    order = torch.sort(distance, dim=1, stable=True).indices
+    matches = gallery_codes[order] == query_codes[:, None]
+
+    # Hit coordinates come back in row-major order, so the hits of one query are contiguous and
+    # sorted by rank; everything below works on this sparse list, not on chunk x gallery arrays.
+    hit_rows, hit_cols = matches.nonzero(as_tuple=True)
+    num_pos = torch.bincount(hit_rows, minlength=distance.shape[0])
+    first_hit = torch.cumsum(num_pos, 0) - num_pos
+    valid = num_pos > 0
+
+    hit_rank = (hit_cols + 1).to(torch.float64)
+    hit_ordinal = (torch.arange(hit_rows.numel(), device=hit_rows.device)
+                   - first_hit[hit_rows] + 1).to(torch.float64)
+    precision = hit_ordinal / hit_rank
+    if ap == "standard":
+        hit_terms = precision
+    else:
+        previous_precision = torch.where(
+            hit_rank > 1, (hit_ordinal - 1) / (hit_rank - 1).clamp(min=1), 1.0)
+        hit_terms = (precision + previous_precision) / 2
+    ap_sums = torch.zeros(distance.shape[0], dtype=torch.float64, device=distance.device)
+    ap_sums.index_add_(0, hit_rows, hit_terms)
+
+    num_pos_valid = num_pos[valid].to(torch.float64)
+    first_rank = hit_cols[first_hit[valid]]
+    last_rank = hit_cols[first_hit[valid] + num_pos[valid] - 1] + 1
+    return {
+        "first_rank_counts": torch.bincount(first_rank, minlength=distance.shape[1]),
+        "ap": (ap_sums[valid] / num_pos_valid).cpu(),
+        "inp": (num_pos_valid / last_rank).cpu(),
+        "num_excluded": int((~valid).sum()),
+    }
+
+
+def _rank_metrics_from_chunks(distance_chunks: Iterable[torch.Tensor], query_codes: torch.Tensor,
+                              gallery_codes: torch.Tensor, num_gallery: int,
+                              ranks: Iterable[int], ap: str, max_rank: int | None) -> dict:
+    """Accumulate chunk statistics into the final metrics dict.
+
+    ``distance_chunks`` yields consecutive row blocks of the query x gallery distance matrix.
+    """
+    ranks = _check_ranks(ranks)
+    _check_choice(ap, AP_MODES, "ap")
+    if max_rank is not None and (int(max_rank) != max_rank or max_rank < 1):
+        raise ValueError(f"max_rank must be a positive integer or None, got {max_rank!r}")
+    first_rank_counts = torch.zeros(num_gallery, dtype=torch.int64)
+    # Per-query values are kept (8 B each) and summed once, so results do not depend on chunking.
+    average_precisions, inverse_negative_penalties = [], []
+    num_excluded = start = 0
+    for chunk in distance_chunks:
+        stop = start + chunk.shape[0]
+        stats = _chunk_statistics(chunk, query_codes[start:stop].to(chunk.device),
+                                  gallery_codes.to(chunk.device), ap)
+        first_rank_counts += stats["first_rank_counts"].cpu()
+        average_precisions.append(stats["ap"])
+        inverse_negative_penalties.append(stats["inp"])
+        num_excluded += stats["num_excluded"]
+        start = stop
+    num_valid = int(first_rank_counts.sum())
+    if num_valid == 0:
+        raise ValueError(
+            f"no valid queries: none of the {num_excluded} query identities occurs in the gallery")
+
+    full_cmc = torch.cumsum(first_rank_counts, 0).numpy() / num_valid
+    result = {"cmc": full_cmc if max_rank is None else full_cmc[:int(max_rank)]}
+    # Beyond the gallery size CMC stays at its last value (1.0: every valid query has a hit).
+    result.update({f"rank{k}": float(full_cmc[min(k, num_gallery) - 1]) for k in ranks})
+    result.update({
+        "mAP": float(torch.cat(average_precisions).mean()),
+        "mINP": float(torch.cat(inverse_negative_penalties).mean()),
+        "num_valid_queries": num_valid,
+        "num_excluded_queries": num_excluded,
+    })
+    return result
+
+
+def _check_id_lengths(num_query: int, num_gallery: int, query_codes: torch.Tensor,
+                      gallery_codes: torch.Tensor) -> None:
+    if len(query_codes) != num_query or len(gallery_codes) != num_gallery:
+        raise ValueError(
+            f"ids do not match the problem size: {len(query_codes)} query ids for {num_query} "
+            f"queries, {len(gallery_codes)} gallery ids for {num_gallery} gallery items")
+    if num_gallery == 0:
+        raise ValueError("the gallery is empty")
+
+
+def rank_metrics(distance, query_ids, gallery_ids, ranks=DEFAULT_RANKS, ap="standard",
+                 max_rank=None, chunk_size=None) -> dict:
+    """CMC, mAP and mINP from a query x gallery distance matrix (smaller = closer).
+
+    Args:
+        distance: (Q, G) numpy array or torch tensor, float16/32/64 (any device).
+        query_ids, gallery_ids: identity labels of any hashable type (encoded jointly).
+        ranks: CMC ranks reported as ``rank{k}``; 1, 5 and 10 are always included.
+        ap: ``"standard"`` or ``"trapezoid"`` (see module docstring).
+        max_rank: truncate the returned ``cmc`` curve to this many ranks (default: all G).
+        chunk_size: query rows per chunk; default from ``CHUNK_MEMORY_BYTES``.
+
+    Returns:
+        ``cmc`` (float64 array), ``rank{k}``, ``mAP``, ``mINP`` (floats in [0, 1]),
+        ``num_valid_queries`` and ``num_excluded_queries`` (queries whose identity is absent
+        from the gallery). Raises ValueError if no query is valid.
+
+    Each row is ranked by a stable ascending sort: equal distances rank the lower gallery index
+    first. AP arithmetic is done in float64.
+    """
+    # Widened chunk by chunk: converting a whole float16 matrix would double its memory.
+    distance = _as_matrix(distance, "distance")
+    num_query, num_gallery = distance.shape
+    query_codes, gallery_codes = _encode_ids(query_ids, gallery_ids)
+    _check_id_lengths(num_query, num_gallery, query_codes, gallery_codes)
+    step = _chunk_rows(chunk_size, num_gallery)
+    chunks = (_widen(distance[start:start + step]) for start in range(0, num_query, step))
+    return _rank_metrics_from_chunks(chunks, query_codes, gallery_codes, num_gallery,
+                                     ranks, ap, max_rank)
+
+
+# --------------------------------------------------------------------------------------------
+# Features -> distances
+# --------------------------------------------------------------------------------------------
+
+
+def _distance_to_gallery(gallery_features, metric: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Prepare the gallery once; return a function mapping query rows to distance rows."""
+    _check_choice(metric, METRICS, "metric")
+    gallery = _as_float_matrix(gallery_features, "gallery_features")
+
+    def match_dtype(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if query.shape[1] != gallery.shape[1]:
+            raise ValueError(f"feature dimensions differ: query {query.shape[1]}, "
+                             f"gallery {gallery.shape[1]}")
+        dtype = torch.promote_types(query.dtype, gallery.dtype)
+        return query.to(dtype), gallery.to(device=query.device, dtype=dtype)
+
+    if metric == "cosine":
+        gallery = F.normalize(gallery, dim=1)
+
+        def cosine(query_features) -> torch.Tensor:
+            query, normalised_gallery = match_dtype(_as_float_matrix(query_features,
+                                                                     "query_features"))
+            return 1 - F.normalize(query, dim=1) @ normalised_gallery.T
+
+        return cosine
+
+    # Centering on the gallery mean leaves distances unchanged but shrinks the norms in the
+    # |q|^2 + |g|^2 - 2 q.g expansion, which reduces cancellation error.
+    mean = gallery.mean(dim=0, keepdim=True)
+    gallery = gallery - mean
+    gallery_sq_norms = gallery.pow(2).sum(dim=1)
+
+    def euclidean(query_features) -> torch.Tensor:
+        query, centred_gallery = match_dtype(_as_float_matrix(query_features, "query_features"))
+        query = query - mean.to(query)
+        squared = (query.pow(2).sum(dim=1, keepdim=True) + gallery_sq_norms.to(query)[None, :]
+                   - 2 * query @ centred_gallery.T)
+        return squared.clamp(min=0).sqrt()
+
+    return euclidean
+
+
+def pairwise_distance(query_features, gallery_features, metric="cosine") -> torch.Tensor:
+    """(Q, G) distances: ``cosine`` = 1 - cosine similarity (features L2-normalised inside),
+    ``euclidean`` = true Euclidean distance (squared expansion clamped at 0 before sqrt)."""
+    return _distance_to_gallery(gallery_features, metric)(query_features)
+
+
+def rank_metrics_from_features(query_features, gallery_features, query_ids, gallery_ids,
+                               metric="cosine", ranks=DEFAULT_RANKS, ap="standard",
+                               chunk_size=None, max_rank=None) -> dict:
+    """``rank_metrics`` on ``pairwise_distance`` without building the full Q x G matrix.
+
+    Distance rows are computed ``chunk_size`` queries at a time (default from
+    ``CHUNK_MEMORY_BYTES``) and fed to the same chunked ranking code as ``rank_metrics``.
+    """
+    query = _as_float_matrix(query_features, "query_features")
+    distance_to_gallery = _distance_to_gallery(gallery_features, metric)
+    num_gallery = len(gallery_features)
+    query_codes, gallery_codes = _encode_ids(query_ids, gallery_ids)
+    _check_id_lengths(len(query), num_gallery, query_codes, gallery_codes)
+    step = _chunk_rows(chunk_size, num_gallery)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for start in range(0, len(query), step):
+            yield distance_to_gallery(query[start:start + step])
+
+    return _rank_metrics_from_chunks(chunks(), query_codes, gallery_codes, num_gallery,
+                                     ranks, ap, max_rank)
+
+
+def flip_average(extract: Callable[[torch.Tensor], torch.Tensor],
+                 images: torch.Tensor) -> torch.Tensor:
+    """Test-time flip augmentation: mean of the features of the images and their mirror images
+    (horizontal flip of NCHW batches). Normalise afterwards if the metric needs it."""
+    return (extract(images) + extract(images.flip(-1))) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-split protocol (11k Hands: 10 Monte-Carlo query/gallery splits of the test identities)
+# --------------------------------------------------------------------------------------------
+
+
+def _feature_matrix(features) -> torch.Tensor:
+    """Rows of all test samples; a Mapping must be keyed by row index 0..N-1."""
+    if isinstance(features, Mapping):
+        features = torch.stack([torch.as_tensor(features[row]) for row in range(len(features))])
+    return _as_float_matrix(features, "features")
+
+
+def evaluate_splits(features, ids, splits, metric="cosine", ranks=DEFAULT_RANKS,
+                    ap="standard") -> dict:
+    """Evaluate query/gallery splits that are row selections over features extracted once.
+
+    Args:
+        features: (N, D) array/tensor of all test samples, or a Mapping row index -> vector.
+        ids: identity of each of the N rows.
+        splits: sequence of ``(query_rows, gallery_rows)`` integer index arrays; a row may not
+            be in both the query and the gallery of one split (it would match itself).
+
+    Returns:
+        ``per_split``: list of ``rank_metrics`` results; ``mean`` and ``std`` over splits of
+        each ``rank{k}``, ``mAP`` and ``mINP``; ``cmc_mean``: mean CMC curve (a curve shorter
+        than the longest is extended with its last value, which is what CMC does past the end
+        of a gallery). ``std`` is the sample standard deviation (ddof=1), 0.0 for one split; it
+        matches the thesis's ``std_R1`` (e.g. 6.81 for ViT v1).
+    """
+    matrix = _feature_matrix(features)
+    labels = _label_list(ids)
+    if len(labels) != len(matrix):
+        raise ValueError(f"{len(labels)} ids for {len(matrix)} feature rows")
+    if len(splits) == 0:
+        raise ValueError("no splits given")
+
+    per_split = []
+    for split_index, (query_rows, gallery_rows) in enumerate(splits):
+        query_rows = np.asarray(query_rows, dtype=np.int64)
+        gallery_rows = np.asarray(gallery_rows, dtype=np.int64)
+        if np.intersect1d(query_rows, gallery_rows).size:
+            raise ValueError(f"split {split_index}: some rows are both query and gallery")
+        per_split.append(rank_metrics_from_features(
+            matrix[query_rows], matrix[gallery_rows],
+            [labels[row] for row in query_rows], [labels[row] for row in gallery_rows],
+            metric=metric, ranks=ranks, ap=ap))
+
+    names = [f"rank{k}" for k in _check_ranks(ranks)] + ["mAP", "mINP"]
+    values = {name: np.array([result[name] for result in per_split]) for name in names}
+    ddof = 1 if len(per_split) > 1 else 0
+    longest = max(len(result["cmc"]) for result in per_split)
+    curves = [np.pad(result["cmc"], (0, longest - len(result["cmc"])), mode="edge")
+              for result in per_split]
+    return {
+        "per_split": per_split,
+        "mean": {name: float(v.mean()) for name, v in values.items()},
+        "std": {name: float(v.std(ddof=ddof)) for name, v in values.items()},
+        "cmc_mean": np.mean(curves, axis=0),
+    }
+
+
+def upstream_table_row(result: dict) -> dict:
+    """One row of the upstream ``stage2_*_eval_table.csv``, keyed by ``UPSTREAM_COLUMNS``.
+
+    Values are percentages rounded to 2 decimals; ``final_*`` is the mean over splits. Columns
+    of splits that were not evaluated (fewer than 10) are None.
+    """
+    per_split = result["per_split"]
+    if len(per_split) > UPSTREAM_NUM_SPLITS:
+        raise ValueError(f"the upstream table has {UPSTREAM_NUM_SPLITS} split columns, "
+                         f"got {len(per_split)} splits")
+
+    def percent(value: float) -> float:
+        return round(100 * value, 2)
+
+    row = dict.fromkeys(UPSTREAM_COLUMNS)
+    for split, metrics in enumerate(per_split, start=1):
+        for column, name in _UPSTREAM_METRICS:
+            row[f"split{split}_{column}"] = percent(metrics[name])
+    for column, name in _UPSTREAM_METRICS:
+        row[f"final_{column}"] = percent(result["mean"][name])
+    return row
