@@ -38,8 +38,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         from .data.hd import prepare_hd
 
         manifest = prepare_hd(args.src, args.out, **common)
-    print(manifest.summary())
-    print(f"manifest written to {Path(args.out) / 'manifest.json'}")
+    print(f"{len(manifest.train)} train images; manifest written to {Path(args.out) / 'manifest.json'}")
     return 0
 
 
@@ -108,6 +107,88 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_versions(args: argparse.Namespace) -> int:
+    from .tune.versions import format_versions, load_versions
+
+    resolved = load_versions(profile=args.profile)
+    backbones = [args.backbone] if args.backbone else list(resolved)
+    chosen = []
+    for backbone in backbones:
+        versions = resolved[backbone]
+        if args.version and args.version not in versions:
+            from .config import ConfigError
+
+            raise ConfigError(f"--version: {args.version!r} is not defined for {backbone} "
+                              f"(valid: {', '.join(versions)})")
+        chosen += [v for name, v in versions.items() if not args.version or name == args.version]
+    print(format_versions(chosen, args.format))
+    return 0
+
+
+def _experiment_options(args: argparse.Namespace):
+    from .config import parse_overrides
+    from .tune.experiment import ExperimentOptions
+
+    return ExperimentOptions(
+        name=args.name, storage=args.storage, profile=args.profile, seeds=args.seeds,
+        data=args.data, cache_dir=args.cache_dir, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+        address=args.address, resume=args.resume, max_failures=args.max_failures,
+        overrides=parse_overrides(args.set))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .tune.experiment import reproduce
+    from .tune.results import summarize_experiment
+
+    started = time.perf_counter()
+    path = reproduce(_split(args.backbones), _split(args.versions) or None,
+                     _experiment_options(args))
+    print(summarize_experiment(path))
+    print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .tune.experiment import search
+    from .tune.results import summarize_experiment
+
+    started = time.perf_counter()
+    path = search(args.space, args.num_samples, args.objective, args.backbone,
+                  args.from_experiment, _experiment_options(args),
+                  asha_grace=args.asha_grace, asha_reduction=args.asha_reduction,
+                  sampler=args.sampler)
+    print(summarize_experiment(path))
+    print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per configuration")
+    parser.add_argument("--data", help="prepared dataset folder (default: synthetic, tiny)")
+    parser.add_argument("--cache-dir", help="decoded-image cache folder")
+    parser.add_argument("--name", help="experiment name (default: kind-time)")
+    parser.add_argument("--storage", help="results folder or URI (default: ./runs/ray); "
+                        "multi-node runs need a shared path")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0)
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0,
+                        help="fractional values share a GPU (no memory isolation)")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as "
+                        "resources allow)")
+    parser.add_argument("--address", help="connect to an existing Ray cluster")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted experiment --name")
+    parser.add_argument("--max-failures", type=int, default=2,
+                        help="retries of a crashed trial from its last checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a knob in every trial")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tune-clipfh",
@@ -162,6 +243,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
+
+    versions = verbs.add_parser("versions", help="print the resolved knobs of v1-v10")
+    versions.add_argument("--backbone", choices=("vitb16", "rn50"))
+    versions.add_argument("--version", help="one version, e.g. v5")
+    versions.add_argument("--profile", choices=("full", "tiny"), default="full")
+    versions.add_argument("--format", choices=("table", "yaml", "json"), default="table")
+    versions.set_defaults(func=cmd_versions)
+
+    repro = verbs.add_parser("reproduce", help="run v1-v10 as fixed trials of a Tune experiment")
+    repro.add_argument("--backbones", default="vitb16,rn50")
+    repro.add_argument("--versions", help="comma-separated, e.g. v1,v5 (default: all)")
+    _add_experiment_options(repro)
+    repro.set_defaults(func=cmd_reproduce)
+
+    search = verbs.add_parser("search", help="Optuna search beyond v10 with ASHA early stopping")
+    search.add_argument("--space", help="search-space YAML (default: search_spaces/beyond_v10.yaml)")
+    search.add_argument("--num-samples", type=int, default=16)
+    search.add_argument("--objective", choices=("rank1", "mAP", "both"), default="rank1",
+                        help="validation metric(s) to maximise")
+    search.add_argument("--backbone", choices=("vitb16", "rn50"), default="vitb16")
+    search.add_argument("--from-experiment", help="a reproduce experiment whose measured "
+                        "versions warm-start the study")
+    search.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    search.add_argument("--asha-grace", type=int, default=3,
+                        help="ASHA grace period in reported epochs")
+    search.add_argument("--asha-reduction", type=int, default=3, help="ASHA reduction factor")
+    _add_experiment_options(search)
+    search.set_defaults(func=cmd_search)
     return parser
 
 

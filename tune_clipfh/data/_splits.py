@@ -1,0 +1,297 @@
+"""Preparation steps shared by every dataset (11k Hands, HD).
+
+Policies:
+
+* Image checks: every candidate image is opened with PIL and fully decoded once
+  at prepare time. Missing, zero-byte, truncated, unreadable and non-image files
+  are SKIPPED: listed in ``report["skipped"]`` with the reason, one warning line
+  each on stderr. Grayscale, RGBA, CMYK, palette and 16-bit images are accepted;
+  they are converted to RGB when loaded (`decode_rgb`) and listed in
+  ``report["converted"]`` with their original mode. A file listed twice is kept once.
+* An identity left with fewer than 2 images is dropped (``report["dropped_identities"]``):
+  it can form no query/gallery pair.
+* Identity split: ``"half"`` sorts the identities (numerically when all are digit
+  strings) and puts the first half (rounded up) in train, the rest in test (B18);
+  ``"upstream"`` reproduces the upstream hard-coded ``int(id) <= threshold``.
+* Validation: ``val_fraction`` of the TRAIN identities (at least 2, leaving at least
+  2 to train on) are held out as a query/gallery set with one gallery image per
+  identity. Test identities never take part in model selection (B11).
+  ``val_fraction=0`` means no validation set.
+* Test: ``num_splits`` query/gallery splits of the test identities, one random
+  gallery image per identity and the rest as queries.
+* Every random choice comes from its own numpy stream derived from the seed
+  (`stream`), so each part is reproducible on its own (B14): e.g. split 3 does not
+  change when ``num_splits`` or ``val_fraction`` change.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+from .manifest import Manifest, Sample, Split, save_manifest, sort_identities
+
+IDENTITY_SPLITS = ("half", "upstream")
+MIN_IMAGES_PER_IDENTITY = 2
+MIN_VAL_IDENTITIES = 2
+MIN_TRAIN_IDENTITIES = 2
+
+# Seed streams: one per random decision, so parts do not shift each other.
+VAL_IDENTITIES_STREAM = 0
+VAL_GALLERY_STREAM = 1
+TEST_SPLIT_STREAM = 2
+
+_INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def stream(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+def decode_rgb(path: Path) -> tuple[Image.Image, str]:
+    """Fully decode an image file; return it as RGB and its original mode."""
+    with Image.open(path) as img:
+        img.load()
+        return _to_rgb(img), img.mode
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in _INTEGER_MODES:
+        # PIL would clip 16-bit values at 255 (white); rescale 0..65535 to 0..255.
+        values = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(np.clip(values.round(), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL wants palette transparency resolved via RGBA
+    return img.convert("RGB")
+
+
+def validate_options(identity_split: str, val_fraction: float, num_splits: int, seed: int) -> None:
+    if identity_split not in IDENTITY_SPLITS:
+        raise DataError(
+            f"identity_split must be one of {', '.join(IDENTITY_SPLITS)}; got {identity_split!r}"
+        )
+    if not 0 <= val_fraction < 1:
+        raise DataError(
+            f"val_fraction must be in [0, 1) (0 = no validation set); got {val_fraction!r}"
+        )
+    if num_splits < 1:
+        raise DataError(f"num_splits must be at least 1; got {num_splits!r}")
+    if seed < 0:
+        raise DataError(f"seed must be a non-negative integer; got {seed!r}")
+
+
+def new_report() -> dict:
+    return {"skipped": [], "converted": [], "dropped_identities": []}
+
+
+def checked_samples(candidates: list[Sample], root: Path, report: dict) -> list[Sample]:
+    """The candidates whose image decodes completely; the others are reported and skipped."""
+    unique = _drop_duplicates(candidates, report)
+    usable = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for sample, (problem, mode) in zip(
+            unique, pool.map(lambda s: _inspect(root / s.path), unique), strict=True
+        ):
+            if problem:
+                _skip(report, sample.path, problem)
+                continue
+            if mode != "RGB":
+                report["converted"].append({"file": sample.path, "mode": mode})
+            usable.append(sample)
+    return usable
+
+
+def checked_groups(
+    candidates: list[Sample], root: Path, report: dict, identity_label: Callable[[str], str] = str
+) -> dict[str, list[Sample]]:
+    """Usable images grouped by identity, without identities too small to split.
+
+    ``identity_label`` names an identity in the report (e.g. with its aspect).
+    """
+    groups = _group(checked_samples(candidates, root, report))
+    return _drop_small_identities(groups, report, identity_label)
+
+
+def _drop_duplicates(candidates: list[Sample], report: dict) -> list[Sample]:
+    seen: set[str] = set()
+    unique = []
+    for sample in candidates:
+        if sample.path in seen:
+            _skip(report, sample.path, "listed more than once (kept the first entry)")
+            continue
+        seen.add(sample.path)
+        unique.append(sample)
+    return unique
+
+
+def _inspect(path: Path) -> tuple[str | None, str | None]:
+    """Return (problem, mode): problem is None when the image decodes completely."""
+    if not path.is_file():
+        return "missing file", None
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)", None
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return None, img.mode
+    # Decoders raise many exception types on bad data; any of them means unusable.
+    except Exception as exc:  # noqa: BLE001
+        return f"unreadable image ({type(exc).__name__}: {' '.join(str(exc).split())})", None
+
+
+def _skip(report: dict, file: str, reason: str) -> None:
+    report["skipped"].append({"file": file, "reason": reason})
+    print(f"warning: skipping {file}: {reason}", file=sys.stderr)
+
+
+def _group(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.identity, []).append(sample)
+    # Order within an identity must not depend on CSV row or directory listing order.
+    return {i: sorted(groups[i], key=lambda s: s.path) for i in sort_identities(groups)}
+
+
+def _drop_small_identities(
+    groups: dict[str, list[Sample]], report: dict, identity_label: Callable[[str], str]
+) -> dict[str, list[Sample]]:
+    kept = {}
+    for identity, samples in groups.items():
+        if len(samples) < MIN_IMAGES_PER_IDENTITY:
+            report["dropped_identities"].append(
+                {
+                    "identity": identity_label(identity),
+                    "reason": f"{len(samples)} usable image(s); a query/gallery pair needs"
+                    f" {MIN_IMAGES_PER_IDENTITY}",
+                }
+            )
+        else:
+            kept[identity] = samples
+    return kept
+
+
+def split_identities(
+    identities: Iterable[str], rule: str, upstream_threshold: int, source: str
+) -> tuple[list[str], list[str]]:
+    """Split identities into (train, test) by the chosen rule; see module docstring."""
+    ordered = sort_identities(identities)
+    if rule == "half":
+        n_train = math.ceil(len(ordered) / 2)
+        train, test = ordered[:n_train], ordered[n_train:]
+    else:
+        not_numeric = [i for i in ordered if not i.isdigit()]
+        if not_numeric:
+            raise DataError(
+                f"{source}: identity_split 'upstream' needs numeric ids; got {not_numeric[0]!r}"
+                " (use 'half')"
+            )
+        train = [i for i in ordered if int(i) <= upstream_threshold]
+        test = [i for i in ordered if int(i) > upstream_threshold]
+    for part, ids in (("train", train), ("test", test)):
+        if not ids:
+            raise DataError(
+                f"{source}: identity_split {rule!r} leaves no {part} identities"
+                f" ({len(ordered)} usable identities{_threshold_note(rule, upstream_threshold)})"
+            )
+    return train, test
+
+
+def _threshold_note(rule: str, threshold: int) -> str:
+    return f", train = id <= {threshold}" if rule == "upstream" else ""
+
+
+def query_gallery_split(groups: dict[str, list[Sample]], rng: np.random.Generator) -> Split:
+    """One random gallery image per identity; all its other images are queries."""
+    query, gallery = [], []
+    for samples in groups.values():
+        pick = int(rng.integers(len(samples)))
+        gallery.append(samples[pick])
+        query.extend(s for i, s in enumerate(samples) if i != pick)
+    return Split(query=query, gallery=gallery)
+
+
+def query_gallery_splits(
+    test_groups: dict[str, list[Sample]], seed: int, num_splits: int
+) -> list[Split]:
+    return [
+        query_gallery_split(test_groups, stream(seed, TEST_SPLIT_STREAM, i))
+        for i in range(num_splits)
+    ]
+
+
+def carve_validation(
+    train_groups: dict[str, list[Sample]], val_fraction: float, seed: int, source: str
+) -> tuple[list[Sample], Split]:
+    """Hold out part of the TRAIN identities as a validation query/gallery set."""
+    if val_fraction == 0:
+        return [s for samples in train_groups.values() for s in samples], Split([], [])
+    identities = list(train_groups)
+    n_val = max(MIN_VAL_IDENTITIES, round(val_fraction * len(identities)))
+    if len(identities) - n_val < MIN_TRAIN_IDENTITIES:
+        raise DataError(
+            f"{source}: val_fraction {val_fraction} holds out {n_val} of {len(identities)} training"
+            f" identities, leaving {len(identities) - n_val}; training needs at least"
+            f" {MIN_TRAIN_IDENTITIES} (lower val_fraction, or 0 for no validation set)"
+        )
+    chosen = stream(seed, VAL_IDENTITIES_STREAM).choice(len(identities), size=n_val, replace=False)
+    val_ids = {identities[i] for i in chosen}
+    val_groups = {i: s for i, s in train_groups.items() if i in val_ids}
+    train = [s for i, samples in train_groups.items() if i not in val_ids for s in samples]
+    return train, query_gallery_split(val_groups, stream(seed, VAL_GALLERY_STREAM))
+
+
+def build_manifest(
+    *,
+    dataset: str,
+    aspect: str | None,
+    root: Path,
+    groups: dict[str, list[Sample]],
+    seed: int,
+    identity_split: str,
+    upstream_threshold: int,
+    val_fraction: float,
+    num_splits: int,
+    protocol: dict,
+    report: dict,
+    source: str,
+) -> Manifest:
+    """Split checked identity groups into train / val / test splits."""
+    if not groups:
+        raise DataError(f"{source}: no identity has {MIN_IMAGES_PER_IDENTITY} usable images")
+    train_ids, test_ids = split_identities(groups, identity_split, upstream_threshold, source)
+    train, val = carve_validation({i: groups[i] for i in train_ids}, val_fraction, seed, source)
+    return Manifest(
+        dataset=dataset,
+        aspect=aspect,
+        root=str(root.resolve()),
+        seed=seed,
+        protocol={
+            "identity_split": identity_split,
+            **({"upstream_threshold": upstream_threshold} if identity_split == "upstream" else {}),
+            "val_fraction": val_fraction,
+            "num_splits": num_splits,
+            "gallery": "one seeded random image per identity, the rest are queries",
+            **protocol,
+        },
+        train=train,
+        val=val,
+        test_splits=query_gallery_splits({i: groups[i] for i in test_ids}, seed, num_splits),
+        report=report,
+    )
+
+
+def write_prepared(manifest: Manifest, out: Path, progress: bool) -> Manifest:
+    path = save_manifest(manifest, Path(out) / "manifest.json")
+    if progress:
+        print(f"{manifest.summary()}\nwrote {path}", file=sys.stderr)
+    return manifest

@@ -1,0 +1,215 @@
+"""Prepare the 11k Hands dataset (or synthetic data in its layout) as a manifest.
+
+Layout: ``<src>/HandInfo.csv`` and the images in ``<src>/Hands/``. Nothing is copied:
+the manifest lists paths relative to ``<src>/Hands``.
+
+Policies (besides the shared ones in `_splits`):
+
+* Rows are kept when ``int(accessories) == 0`` and ``aspectOfHand`` is the chosen
+  aspect, as upstream. Ids are stripped of whitespace (upstream has ``'1200000 '``).
+* Every CSV row is validated: ``imageName`` must stay inside ``Hands/`` (absolute
+  paths and ``..`` are refused with a DataError naming the line), ``accessories``
+  must be an integer, ``id`` non-empty.
+* ``identity_split="upstream"`` uses upstream's per-aspect thresholds on ``int(id)``.
+* ``cross_aspect_gallery=True`` adds ``gallery_all`` to every test split (MBA-Net
+  protocol, upstream ``gallery{i}_all``): this aspect's gallery plus the galleries
+  the same seed gives the other three aspects, whose identities are prefixed with
+  their aspect (``dorsal_l_0000123``) so the same person in another aspect counts
+  as a different identity. Those aspects' images are checked the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PureWindowsPath
+
+from ._splits import (
+    build_manifest,
+    checked_groups,
+    new_report,
+    query_gallery_splits,
+    split_identities,
+    validate_options,
+    write_prepared,
+)
+from .errors import DataError
+from .manifest import Manifest, Sample
+
+CSV_NAME = "HandInfo.csv"
+IMAGES_DIR = "Hands"
+ASPECTS = {
+    "dorsal_r": "dorsal right",
+    "dorsal_l": "dorsal left",
+    "palmar_r": "palmar right",
+    "palmar_l": "palmar left",
+}
+UPSTREAM_THRESHOLDS = {"dorsal_r": 1050, "dorsal_l": 1037, "palmar_r": 1051, "palmar_l": 1042}
+REQUIRED_COLUMNS = ("id", "accessories", "aspectOfHand", "imageName")
+LAYOUT = f"expected the 11k Hands layout ({CSV_NAME} and {IMAGES_DIR}/)"
+
+
+@dataclass
+class _Row:
+    identity: str
+    accessories: int
+    aspect_of_hand: str
+    image: str  # validated relative path inside Hands/
+
+
+def prepare_11k(
+    src,
+    aspect: str,
+    out,
+    seed: int = 0,
+    identity_split: str = "half",
+    val_fraction: float = 0.2,
+    num_splits: int = 10,
+    cross_aspect_gallery: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    src = Path(src)
+    if aspect not in ASPECTS:
+        raise DataError(f"unknown aspect {aspect!r}: valid aspects are {', '.join(ASPECTS)}")
+    validate_options(identity_split, val_fraction, num_splits, seed)
+    csv_path = src / CSV_NAME
+    rows = _read_rows(csv_path, src)
+    root = src / IMAGES_DIR
+    if not root.is_dir():
+        raise DataError(f"{IMAGES_DIR}/ not found in {src}: {LAYOUT}")
+
+    report = new_report()
+    report["rows"] = _row_counts(rows, aspect)
+    groups = _checked_aspect(rows, aspect, root, report, progress, label=str)
+    manifest = build_manifest(
+        dataset="11k",
+        aspect=aspect,
+        root=root,
+        groups=groups,
+        seed=seed,
+        identity_split=identity_split,
+        upstream_threshold=UPSTREAM_THRESHOLDS[aspect],
+        val_fraction=val_fraction,
+        num_splits=num_splits,
+        report=report,
+        source=str(csv_path),
+        protocol={
+            "source_csv": str(csv_path.resolve()),
+            "filter": f"accessories == 0 and aspectOfHand == '{ASPECTS[aspect]}'",
+            "cross_aspect_gallery": cross_aspect_gallery,
+        },
+    )
+    if cross_aspect_gallery:
+        _add_cross_aspect_galleries(manifest, rows, root, progress, identity_split, csv_path)
+    return write_prepared(manifest, Path(out), progress)
+
+
+def _read_rows(csv_path: Path, src: Path) -> list[_Row]:
+    if not csv_path.is_file():
+        raise DataError(f"{CSV_NAME} not found in {src}: {LAYOUT}")
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise DataError(
+                    f"{csv_path}: missing column(s) {', '.join(missing)}; an 11k {CSV_NAME}"
+                    f" needs {', '.join(REQUIRED_COLUMNS)}"
+                )
+            reader.fieldnames = columns
+            return [_parse_row(row, csv_path, reader.line_num) for row in reader]
+    except UnicodeDecodeError:
+        raise DataError(f"{csv_path}: not a UTF-8 text file: {LAYOUT}") from None
+
+
+def _parse_row(row: dict, csv_path: Path, line: int) -> _Row:
+    values = {c: (row.get(c) or "").strip() for c in REQUIRED_COLUMNS}
+    if not values["id"]:
+        raise DataError(
+            f"{csv_path}: line {line}: column 'id' is empty; every row needs an identity"
+        )
+    try:
+        accessories = int(values["accessories"])
+    except ValueError:
+        raise DataError(
+            f"{csv_path}: line {line}: column 'accessories' must be an integer (0 = none);"
+            f" got {values['accessories']!r}"
+        ) from None
+    return _Row(
+        values["id"],
+        accessories,
+        values["aspectOfHand"],
+        _inside_images_dir(values["imageName"], csv_path, line),
+    )
+
+
+def _inside_images_dir(name: str, csv_path: Path, line: int) -> str:
+    """Return imageName as a relative '/' path, refusing anything that leaves Hands/."""
+    # Windows path rules catch both separators, drive letters and rooted paths.
+    path = PureWindowsPath(name)
+    if not name or path.drive or path.root or ".." in path.parts:
+        raise DataError(
+            f"{csv_path}: line {line}: column 'imageName' is {name!r}; it must be a relative"
+            f" path inside {IMAGES_DIR}/ (no absolute path, no '..')"
+        )
+    return "/".join(path.parts)
+
+
+def _row_counts(rows: list[_Row], aspect: str) -> dict:
+    this_aspect = [r for r in rows if r.aspect_of_hand == ASPECTS[aspect]]
+    with_accessories = sum(r.accessories != 0 for r in this_aspect)
+    return {
+        "total": len(rows),
+        "kept": len(this_aspect) - with_accessories,
+        "filtered_accessories": with_accessories,
+        "filtered_other_aspects": len(rows) - len(this_aspect),
+    }
+
+
+def _checked_aspect(
+    rows: list[_Row],
+    aspect: str,
+    root: Path,
+    report: dict,
+    progress: bool,
+    label: Callable[[str], str],
+) -> dict[str, list[Sample]]:
+    candidates = [
+        Sample(r.image, r.identity)
+        for r in rows
+        if r.accessories == 0 and r.aspect_of_hand == ASPECTS[aspect]
+    ]
+    if progress:
+        print(f"checking {len(candidates)} {aspect} images in {root}", file=sys.stderr)
+    return checked_groups(candidates, root, report, identity_label=label)
+
+
+def _add_cross_aspect_galleries(
+    manifest: Manifest,
+    rows: list[_Row],
+    root: Path,
+    progress: bool,
+    identity_split: str,
+    csv_path: Path,
+) -> None:
+    for split in manifest.test_splits:
+        split.gallery_all = list(split.gallery)
+    for other in ASPECTS:
+        if other == manifest.aspect:
+            continue
+
+        def label(identity: str, aspect: str = other) -> str:
+            return f"{aspect}_{identity}"
+
+        groups = _checked_aspect(rows, other, root, manifest.report, progress, label)
+        _, test_ids = split_identities(
+            groups, identity_split, UPSTREAM_THRESHOLDS[other], f"{csv_path} ({other})"
+        )
+        other_splits = query_gallery_splits(
+            {i: groups[i] for i in test_ids}, manifest.seed, len(manifest.test_splits)
+        )
+        for split, other_split in zip(manifest.test_splits, other_splits, strict=True):
+            split.gallery_all += [Sample(s.path, label(s.identity)) for s in other_split.gallery]

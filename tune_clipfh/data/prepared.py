@@ -1,0 +1,160 @@
+"""A prepared dataset ready for training: manifest + decoded image store + integer rows.
+
+``resolve_data_dir`` turns the configuration's ``data_dir`` into a prepared folder; with no
+``data_dir`` it builds the embedded synthetic dataset under the cache folder (saying so), so a
+fresh clone trains with no other step. ``load_prepared`` maps every part of the manifest onto
+rows of one shared uint8 store, decoded once per (manifest, resolution).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .hands11k import prepare_11k
+from .manifest import MANIFEST_NAME, Manifest, Sample, load_manifest
+from .store import ImageStore
+from .synth import synthesize
+
+SYNTHETIC_DEFAULT = {"identities": 80, "images_per_identity": 10, "seed": 0, "aspect": "dorsal_r"}
+"""The embedded default dataset: 80 synthetic identities, half of them for training."""
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TUNE_CLIPFH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "tune-clipfh"
+
+
+def synthetic_dataset(cache_dir: Path, identities: int, images_per_identity: int, seed: int,
+                      aspect: str, log=print) -> Path:
+    """Synthesise and prepare the embedded dataset once; later calls reuse it."""
+    name = f"synthetic-{identities}x{images_per_identity}-seed{seed}"
+    prepared = cache_dir / name / f"prepared-{aspect}"
+    if (prepared / MANIFEST_NAME).is_file():
+        return prepared
+    log(f"[data] synthetic dataset not found: creating {identities} identities x "
+        f"{images_per_identity} images under {cache_dir / name}")
+    raw = cache_dir / name / "raw"
+    if not (raw / "HandInfo.csv").is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename, so an interrupted run leaves no half dataset.
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+        synthesize(staging, identities=identities, images_per_identity=images_per_identity,
+                   seed=seed, progress=False)
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(staging, raw)
+        except OSError:  # another process won the race; use its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    prepare_11k(raw, aspect, prepared, seed=seed, progress=False)
+    return prepared
+
+
+def resolve_data_dir(data_dir: str | None, cache_dir: str | None = None, log=print) -> Path:
+    """Absolute folder holding manifest.json (Ray trials run in their own working dirs)."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if data_dir is None:
+        return synthetic_dataset(cache, log=log, **SYNTHETIC_DEFAULT).resolve()
+    path = Path(data_dir).expanduser().resolve()
+    if not path.exists():
+        raise DataError(f"data_dir {data_dir}: path does not exist (expected a folder "
+                        f"written by `tune-clipfh data prepare`)")
+    if not (path / MANIFEST_NAME).is_file() and not path.name == MANIFEST_NAME:
+        raise DataError(f"data_dir {data_dir}: no {MANIFEST_NAME} in it (run `tune-clipfh "
+                        f"data prepare --src {data_dir} --out DIR` and point data_dir at DIR)")
+    return path
+
+
+@dataclass
+class QueryGallery:
+    query: np.ndarray  # indices into PreparedData.eval_rows
+    gallery: np.ndarray
+
+
+@dataclass
+class PreparedData:
+    manifest: Manifest
+    store: ImageStore
+    identities: list[str]  # training identities; label k is identities[k]
+    train_rows: np.ndarray
+    train_labels: np.ndarray
+    val_rows: np.ndarray  # store rows of every validation image (query then gallery)
+    val_ids: np.ndarray
+    val_split: QueryGallery
+    test_rows: np.ndarray  # store rows of every test image, extracted once for all splits
+    test_ids: np.ndarray
+    test_splits: list[QueryGallery]
+
+    @property
+    def image_size(self) -> int:
+        return self.store.images.shape[1]
+
+
+def _union(parts: list[list[Sample]]) -> tuple[list[Sample], dict[str, int]]:
+    index: dict[str, int] = {}
+    samples: list[Sample] = []
+    for part in parts:
+        for sample in part:
+            if sample.path not in index:
+                index[sample.path] = len(samples)
+                samples.append(sample)
+    return samples, index
+
+
+def _indices(samples: list[Sample], index: dict[str, int]) -> np.ndarray:
+    return np.array([index[s.path] for s in samples], dtype=np.int64)
+
+
+def load_prepared(data_dir: str | Path, image_size: int, cache_dir: str | None = None,
+                  progress: bool = True, gallery: str = "split") -> PreparedData:
+    """Load a prepared folder and its decoded store at ``image_size`` pixels."""
+    manifest = load_manifest(data_dir)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    store = ImageStore.build(manifest, image_size, cache / "stores", progress=progress)
+
+    identities = manifest.train_identities()
+    label_of = {identity: k for k, identity in enumerate(identities)}
+    train_rows = store.rows(manifest.train)
+    train_labels = np.array([label_of[s.identity] for s in manifest.train], dtype=np.int64)
+
+    val_samples, val_index = _union([manifest.val.query, manifest.val.gallery])
+    val_split = QueryGallery(_indices(manifest.val.query, val_index),
+                             _indices(manifest.val.gallery, val_index))
+
+    def gallery_of(split):
+        if gallery == "all":
+            if split.gallery_all is None:
+                raise DataError(f"{data_dir}: eval gallery 'all' needs a manifest prepared "
+                                f"with --cross-aspect-gallery")
+            return split.gallery_all
+        return split.gallery
+
+    test_parts = [part for split in manifest.test_splits
+                  for part in (split.query, gallery_of(split))]
+    test_samples, test_index = _union(test_parts)
+    test_splits = [QueryGallery(_indices(split.query, test_index),
+                                _indices(gallery_of(split), test_index))
+                   for split in manifest.test_splits]
+    if len(identities) < 2:
+        raise DataError(f"{data_dir}: the training part has {len(identities)} identities "
+                        f"(at least 2 are needed)")
+    return PreparedData(
+        manifest=manifest, store=store, identities=identities,
+        train_rows=train_rows, train_labels=train_labels,
+        val_rows=store.rows(val_samples), val_ids=np.array([s.identity for s in val_samples]),
+        val_split=val_split,
+        test_rows=store.rows(test_samples),
+        test_ids=np.array([s.identity for s in test_samples]),
+        test_splits=test_splits,
+    )
+
+
+def print_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
