@@ -1,0 +1,256 @@
+"""The thesis versions v1-v10 as data: resolved knobs vs a table written from the spec, the
+profile overlay, deltas, and one-line errors for bad versions files."""
+
+import json
+
+import pytest
+import yaml
+
+from tune_clipfh.config import ConfigError, build_config
+from tune_clipfh.tune.versions import (
+    VERSIONS_FILE,
+    format_versions,
+    load_versions,
+    version_config,
+)
+
+# Written from upstream_stage2_spec.md 3.6 / 5.2 / 5.3 (and the thesis remarks), not from the
+# YAML: the stated knobs with the correct implementation. Rates are the effective group rates
+# (RunConfig.group_lr); "-" is no clipping. Columns:
+# run: thesis ran it | opt: optimizer (= prompt_optimizer) | sched, step: stage-2 schedule |
+# prompt visual text head: group rates | s m: ArcFace (id_head arcface in every version) |
+# tri cen: triplet / center on | cw: center weight | mode blk: unfreeze_mode / _blocks |
+# txtfrz: text encoder frozen | clip: max_norm
+COLUMNS = ("run opt sched step prompt visual text head s m tri cen cw mode blk txtfrz clip")
+EXPECTED = {
+    "vitb16": """
+        v1  y adam  cosine   epoch 1e-4 1e-4 1e-4 1e-4 30 0.5  y y 5e-4 all    12 n -
+        v2  y adamw cosine   batch 1e-4 1e-5 5e-6 1e-4 30 0.5  y y 5e-4 all    12 n -
+        v3  y adamw onecycle batch 1e-4 1e-5 5e-6 1e-4 30 0.5  y y 5e-4 all    12 n -
+        v4  y adamw onecycle batch 1e-4 1e-5 5e-6 1e-4 30 0.5  n n 5e-4 all    12 n -
+        v5  y adamw onecycle batch 1e-4 1e-5 5e-6 1e-4 20 0.3  y y 5e-4 all    12 n -
+        v6  y adamw onecycle batch 1e-4 1e-5 5e-6 1e-4 20 0.3  y y 5e-4 last_n 2  y -
+        v7  n adamw onecycle batch 1e-4 1e-5 5e-6 1e-4 25 0.35 y y 5e-4 last_n 2  y -
+        v8  n adamw cosine   batch 1e-4 1e-5 5e-6 1e-4 30 0.35 y y 5e-4 last_n 12 y 0.5
+        v9  y adamw cosine   batch 1e-4 1e-5 5e-6 1e-4 35 0.4  n y 3e-4 last_n 12 y 0.5
+        v10 n adamw cosine   batch 1e-4 1e-5 5e-6 1e-4 30 0.4  y y 3e-4 last_n 12 y 0.5
+    """,
+    "rn50": """
+        v1  y adam  cosine   epoch 1e-4 1e-4 1e-4 1e-4 30 0.5  y y 5e-4 all    4 n -
+        v2  y adamw cosine   batch 1e-4 1e-4 5e-6 1e-4 30 0.5  y y 5e-4 all    4 n -
+        v3  y adamw onecycle batch 1e-4 5e-4 5e-6 1e-4 30 0.5  y y 5e-4 all    4 n -
+        v4  y adamw onecycle batch 1e-4 5e-4 5e-6 1e-4 30 0.5  n n 5e-4 all    4 n -
+        v5  y adamw onecycle batch 1e-4 5e-4 5e-6 1e-4 20 0.3  y y 5e-4 all    4 n -
+        v6  y adamw onecycle batch 1e-4 5e-4 5e-6 1e-4 20 0.3  y y 5e-4 last_n 2 y -
+        v7  y adamw onecycle batch 1e-4 5e-4 5e-6 1e-4 25 0.35 y y 5e-4 last_n 2 y -
+        v8  y adamw cosine   batch 1e-4 1e-4 5e-6 1e-4 30 0.35 y y 5e-4 last_n 4 y 0.5
+        v9  y adamw cosine   batch 1e-4 7e-5 5e-6 1e-4 35 0.4  n y 3e-4 last_n 4 y 0.5
+        v10 y adamw cosine   batch 1e-4 7e-5 5e-6 1e-4 30 0.4  y y 3e-4 last_n 4 y 0.5
+    """,
+}
+TINY_OVERLAY = {"profile": ("full", "tiny"), "pretrained": ("openai", "none"),
+                "epochs_prompt": (30, 3), "epochs_image": (30, 8), "early_stop_patience": (5, 3)}
+
+
+def _expected_rows(backbone):
+    rows = {}
+    for line in EXPECTED[backbone].strip().splitlines():
+        version, *cells = line.split()
+        rows[version] = dict(zip(COLUMNS.split(), cells, strict=True))
+    return rows
+
+
+def _value(cell):
+    if cell in ("y", "n"):
+        return cell == "y"
+    if cell == "-":
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+@pytest.fixture(scope="module")
+def full():
+    return load_versions()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_versions(profile="tiny")
+
+
+@pytest.mark.parametrize("backbone", ["vitb16", "rn50"])
+def test_versions_match_the_spec_table(full, backbone):
+    rows = _expected_rows(backbone)
+    assert list(full[backbone]) == list(rows)  # v1..v10, in order
+    for version, row in rows.items():
+        item = full[backbone][version]
+        config = build_config(item.knobs, f"{backbone} {version}").config
+        want = {key: _value(cell) for key, cell in row.items()}
+        got = {
+            "run": item.thesis_run, "opt": config.optimizer, "sched": config.scheduler,
+            "step": config.scheduler_step,
+            **{group: config.group_lr(group) for group in ("prompt", "visual", "text", "head")},
+            "s": config.arcface_scale, "m": config.arcface_margin,
+            "tri": config.loss_use_triplet, "cen": config.loss_use_center,
+            "cw": config.center_loss_weight, "mode": config.unfreeze_mode,
+            "blk": float(config.unfreeze_blocks), "txtfrz": config.freeze_text_encoder,
+            "clip": config.max_norm,
+        }
+        assert got == want, f"{backbone} {version}"
+        # spec 5.1 and the knobs every version states alike
+        assert config.model == backbone and config.id_head == "arcface"
+        assert config.prompt_optimizer == config.optimizer
+        assert (config.epochs_prompt, config.epochs_image, config.early_stop_patience,
+                config.batch_size, config.n_ctx) == (30, 30, 5, 32, 12)
+        assert {config.group_weight_decay(g) for g in ("prompt", "visual", "text", "head")} \
+            == {5e-4}
+        assert config.prompt_template == "A photo of {ctx}'s {aspect} hand for identification."
+        assert (config.profile, config.resolved_pretrained) == ("full", "openai")
+        assert config.loss_use_id and config.loss_use_i2t and config.loss_use_supcon
+        assert (config.triplet_margin, config.center_lr, config.eta_min) == (0.3, 0.5, 1e-6)
+        if config.scheduler == "onecycle":
+            assert config.onecycle_pct_start == 0.1
+
+
+def test_v1_is_one_rate_for_every_group_and_v2_on_has_three(full):
+    for backbone in ("vitb16", "rn50"):
+        v1 = full[backbone]["v1"].knobs
+        assert v1["lr"] == 1e-4
+        assert all(v1[f"lr_{g}"] is None for g in ("prompt", "visual", "text", "head"))
+        assert v1["prompt_template_list"] is None
+        assert len(full[backbone]["v2"].knobs["prompt_template_list"]) == 4
+
+
+def test_only_vit_v7_v8_v10_were_not_run_by_the_thesis(full):
+    not_run = {(b, v) for b, versions in full.items() for v, item in versions.items()
+               if not item.thesis_run}
+    assert not_run == {("vitb16", "v7"), ("vitb16", "v8"), ("vitb16", "v10")}
+
+
+def test_tiny_profile_changes_only_the_knobs_it_names(full, tiny):
+    for backbone, versions in full.items():
+        for version, item in versions.items():
+            small = tiny[backbone][version]
+            changed = {k: (v, small.knobs[k]) for k, v in item.knobs.items()
+                       if small.knobs[k] != v}
+            assert changed == TINY_OVERLAY, f"{backbone} {version}"
+            assert small.delta == item.delta
+
+
+def test_tiny_versions_fit_the_tiny_text_tower(tiny):
+    from tune_clipfh.model.backbone import create_backbone
+    from tune_clipfh.model.prompt import PromptLearner
+
+    for backbone, versions in tiny.items():
+        clip = create_backbone(backbone, "tiny", "none")
+        prompts = {(v.knobs["n_ctx"], v.knobs["prompt_template"],
+                    tuple(v.knobs["prompt_template_list"] or ())) for v in versions.values()}
+        for n_ctx, template, templates in prompts:
+            PromptLearner(clip, 2, n_ctx=n_ctx, template=template, templates=list(templates),
+                          aspect="palmar_r")  # raises when a template does not fit
+
+
+def test_deltas_name_exactly_what_changed(full):
+    assert full["vitb16"]["v1"].delta == {}
+    assert full["vitb16"]["v4"].delta == {"loss_use_triplet": (True, False),
+                                          "loss_use_center": (True, False)}
+    assert full["vitb16"]["v9"].delta == {"arcface_scale": (30.0, 35.0),
+                                          "arcface_margin": (0.35, 0.4),
+                                          "loss_use_triplet": (True, False),
+                                          "center_loss_weight": (5e-4, 3e-4)}
+    assert full["rn50"]["v3"].delta == {"scheduler": ("cosine", "onecycle"),
+                                        "lr_visual": (1e-4, 5e-4)}
+    assert full["rn50"]["v6"].delta == {"unfreeze_mode": ("all", "last_n"),
+                                        "unfreeze_blocks": (4, 2),
+                                        "freeze_text_encoder": (False, True)}
+
+
+def test_version_config_applies_overrides_last():
+    config = version_config("rn50", "v9", overrides={"seed": 3, "data_dir": "data/x",
+                                                     "id_head": "linear"})
+    assert (config.model, config.lr_visual, config.seed, config.data_dir) == \
+        ("rn50", 7e-5, 3, "data/x")
+    assert config.id_head == "linear" and not config.use_arcface
+    assert version_config("vitb16", "v5", profile="tiny").profile == "tiny"
+    with pytest.raises(ConfigError, match=r"version 'v11' is not defined .*\(defined: v1, v2"):
+        version_config("vitb16", "v11")
+    with pytest.raises(ConfigError, match="key 'sed': unknown key \\(did you mean 'seed'\\?\\)"):
+        version_config("vitb16", "v1", overrides={"sed": 1})
+
+
+def test_formats(full):
+    items = list(full["vitb16"].values()) + [full["rn50"]["v4"]]
+    table = format_versions(items)
+    assert "vitb16: 10 version(s), profile full" in table and "rn50: 1 version(s)" in table
+    assert "changes vs previous:" in table
+    assert "loss_use_triplet true -> false; loss_use_center true -> false" in table
+    header = next(line for line in table.splitlines() if line.startswith("knob"))
+    assert header.split() == ["knob"] + [f"v{i}" for i in range(1, 11)]
+    as_yaml = yaml.safe_load(format_versions(items, "yaml"))
+    assert as_yaml["vitb16"]["v4"]["delta"] == {"loss_use_triplet": [True, False],
+                                                "loss_use_center": [True, False]}
+    assert as_yaml["rn50"]["v4"]["knobs"]["lr_visual"] == 5e-4
+    as_json = json.loads(format_versions(items, "json"))
+    assert as_json["vitb16"]["v8"]["thesis_run"] is False
+    assert as_json["vitb16"]["v8"]["knobs"] == full["vitb16"]["v8"].knobs
+    with pytest.raises(ConfigError, match="valid: table, yaml, json"):
+        format_versions(items, "csv")
+
+
+def test_default_file_is_the_repository_one():
+    assert VERSIONS_FILE.is_file() and VERSIONS_FILE.parent.name == "search_spaces"
+
+
+# ------------------------------------------------------------------------------------------
+# Errors: one line, naming the file, the backbone/version and what is valid
+
+GOOD = {"thesis_run": True, "note": "stated change"}
+
+
+def _write(tmp_path, backbones, profiles=None, text=None):
+    path = tmp_path / "versions.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(
+        {"common": {"epochs_prompt": 1, "epochs_image": 1},
+         "profiles": profiles or {"full": {}, "tiny": {"profile": "tiny"}},
+         "backbones": backbones}))
+    return path
+
+
+@pytest.mark.parametrize("backbones, message", [
+    ({"vitb16": {"v1": GOOD, "v2": {**GOOD, "inherits": "v0"}}},
+     "[vitb16 v2]: inherits 'v0', which is not defined (defined: v1, v2)"),
+    ({"vitb16": {"v1": {**GOOD, "inherits": "v2"}, "v2": {**GOOD, "inherits": "v1"}}},
+     "[vitb16 v1]: inheritance cycle v1 -> v2 -> v1"),
+    ({"rn50": {"v1": {**GOOD, "set": {"unfreez_blocks": 2}}}},
+     "[rn50 v1]: key 'unfreez_blocks': unknown key (did you mean 'unfreeze_blocks'?)"),
+    ({"rn50": {"v1": {**GOOD, "set": {"unfreeze_blocks": 2}},
+               "v2": {**GOOD, "inherits": "v1", "set": {"unfreeze_blocks": 12}}}},
+     "[rn50 v2]: key 'unfreeze_blocks': 12 is out of range for model rn50"),
+    ({"rn50": {"v1": {**GOOD, "set": {"model": "vitb16"}}}},
+     "[rn50 v1]: key 'model' cannot be set here: the backbone section names the model"),
+    ({"vit": {"v1": GOOD}},
+     "[vit]: unknown backbone (did you mean 'vitb16'?) (valid: vitb16, rn50)"),
+    ({"vitb16": {"v1": {**GOOD, "notes": "x"}}},
+     "[vitb16 v1]: unknown entry key 'notes' (did you mean 'note'?)"),
+    ({"vitb16": {"v1": {"note": "x"}}}, "[vitb16 v1]: 'thesis_run' must be true or false"),
+])
+def test_bad_versions_files_give_one_line_errors(tmp_path, backbones, message):
+    path = _write(tmp_path, backbones)
+    with pytest.raises(ConfigError) as error:
+        load_versions(path)
+    assert str(error.value).startswith(str(path)) and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_profile_and_malformed_yaml(tmp_path):
+    path = _write(tmp_path, {"vitb16": {"v1": GOOD}})
+    with pytest.raises(ConfigError, match=r"profile 'tinny' is not defined \(did you mean "
+                                          r"'tiny'\?\) \(valid: full, tiny\)"):
+        load_versions(path, profile="tinny")
+    bad = _write(tmp_path, {}, text="backbones:\n  vitb16: [v1\n")
+    with pytest.raises(ConfigError, match="malformed YAML") as error:
+        load_versions(bad)
+    assert str(error.value).startswith(str(bad)) and "\n" not in str(error.value)

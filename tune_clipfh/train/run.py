@@ -1,0 +1,184 @@
+"""A training run on disk: the run folder, its files, and re-evaluation of a saved run.
+
+Run folder layout::
+
+    config.yaml          the resolved configuration
+    metrics.jsonl        one JSON line per epoch (both stages)
+    state.pt             resumable training state (every ``checkpoint_every`` epochs)
+    best.pt              the best stage-2 weights + real epoch, metrics, config, backbone name
+    test_results.json    10-split test: per split, mean and std
+    test_results.csv     the same in the upstream column format (split1_R1 ... final_mAP)
+
+Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
+half-written checkpoint, and every ``.pt`` loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, build_config
+from ..data.prepared import PreparedData, load_prepared, resolve_data_dir
+from ..evaluation import UPSTREAM_COLUMNS, upstream_table_row
+from .stages import EpochRecord, Trainer, TrainResult
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp_path)`` then rename over ``path`` (never a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_torch(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_data(config: RunConfig, log: Callable[[str], None] = stderr_log,
+                 progress: bool = True) -> PreparedData:
+    """Resolve ``data_dir`` (synthesising the embedded default when absent) and load it."""
+    from ..model import image_size_for
+
+    data_dir = resolve_data_dir(config.data_dir, config.cache_dir, log=log)
+    return load_prepared(data_dir, image_size_for(config.model, config.profile),
+                         cache_dir=config.cache_dir, progress=progress)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values (NaN -> null) for metrics files."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def best_checkpoint(trainer: Trainer) -> dict[str, Any]:
+    """The best weights with what an audit needs (B16): real epoch, metrics, clean config."""
+    state = trainer.best["state"] or trainer.model_state()
+    return {
+        "model": state,
+        "epoch": trainer.best["epoch"],
+        "val_metrics": {"rank1": trainer.best["rank1"], "mAP": trainer.best["mAP"]},
+        "config": trainer.config.to_dict(),
+        "backbone": trainer.backbone.arch,
+        "identities": list(trainer.data.identities),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def write_test_results(run_dir: Path, test: dict[str, Any], name: str) -> None:
+    atomic_write_text(run_dir / "test_results.json", json.dumps(jsonable(test), indent=1))
+    row = {"version": name, **upstream_table_row(test)}
+    columns = ["version", *UPSTREAM_COLUMNS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerow(row)
+    atomic_write_text(run_dir / "test_results.csv", buffer.getvalue())
+
+
+def train_run(config: RunConfig, run_dir: Path, *, resume: bool = False,
+              log: Callable[[str], None] = stderr_log, progress: bool = True) -> TrainResult:
+    """Train one configuration into ``run_dir`` (resuming from its state.pt if asked)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = prepare_data(config, log=log, progress=progress)
+    trainer = Trainer(config, data, log=log, progress=progress)
+    state_path = run_dir / STATE_FILE
+    if resume and state_path.is_file():
+        trainer.load_state_dict(load_torch(state_path))
+        log(f"[train] resumed from {state_path} ({trainer.stage} stage, "
+            f"epoch {trainer.epoch_done} done)")
+    atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    metrics_path = run_dir / "metrics.jsonl"
+    if not resume:
+        metrics_path.unlink(missing_ok=True)
+    best_epoch_saved = trainer.best["epoch"]
+
+    def on_epoch(record: EpochRecord) -> None:
+        nonlocal best_epoch_saved
+        with metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(jsonable({"stage": record.stage, "epoch": record.epoch,
+                                              "iteration": record.iteration,
+                                              **record.metrics})) + "\n")
+        if trainer.best["epoch"] != best_epoch_saved:
+            save_torch(run_dir / BEST_FILE, best_checkpoint(trainer))
+            best_epoch_saved = trainer.best["epoch"]
+        if record.iteration % config.checkpoint_every == 0:
+            save_torch(state_path, trainer.state_dict())
+
+    result = trainer.run(on_epoch)
+    if result.test is not None:
+        if trainer.best["state"] is None:  # no image stage: the weights as trained
+            save_torch(run_dir / BEST_FILE, best_checkpoint(trainer))
+        write_test_results(run_dir, result.test, config.experiment)
+    summary = {"status": result.status, "epochs_run": result.epochs_run,
+               "best_epoch": result.best_epoch, "best_val": result.best_val,
+               "diverged_at": result.diverged_at,
+               "wall_time_s": time.perf_counter() - started}
+    if result.test is not None:
+        summary["test_mean"] = result.test["mean"]
+        summary["test_std"] = result.test["std"]
+    atomic_write_text(run_dir / "summary.json", json.dumps(jsonable(summary), indent=1))
+    state_path.unlink(missing_ok=True)  # finished: the resumable state is no longer needed
+    return result
+
+
+def evaluate_run(run_dir: Path, log: Callable[[str], None] = stderr_log,
+                 progress: bool = True) -> dict[str, Any]:
+    """Reload a run's best checkpoint and evaluate it again on its 10 splits."""
+    checkpoint_path = run_dir / BEST_FILE
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"{checkpoint_path}: no best checkpoint in this run folder")
+    checkpoint = load_torch(checkpoint_path)
+    config = build_config(checkpoint["config"], str(checkpoint_path)).config
+    config.pretrained = "none"  # the weights come from the checkpoint
+    data = prepare_data(config, log=log, progress=progress)
+    trainer = Trainer(config, data, log=log, progress=progress)
+    trainer.load_model_state(checkpoint["model"])
+    return trainer.test()
+
+
+def result_lines(test: dict[str, Any]) -> list[str]:
+    mean, std = test["mean"], test["std"]
+    return [f"{k:7s} {mean[k] * 100:6.2f} +- {std[k] * 100:5.2f} %"
+            for k in ("rank1", "rank5", "rank10", "mAP", "mINP") if k in mean]
+

@@ -1,0 +1,1 @@
+"""Hyperparameter search: the thesis versions as fixed trials, search spaces and experiments."""

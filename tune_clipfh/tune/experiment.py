@@ -1,0 +1,302 @@
+"""Tune experiments: ``reproduce`` (v1-v10 as fixed trials) and ``search`` (Optuna beyond v10).
+
+Both decode the dataset once in the driver (a memory-mapped store every trial opens read-only),
+resolve every path to absolute before ``fit()`` (trials run in their own working folders), and
+resume an interrupted experiment with ``Tuner.restore`` (finished trials kept, unfinished ones
+continued from their checkpoints, the Optuna searcher's state restored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, build_config
+from ..data.prepared import load_prepared, resolve_data_dir
+from ..errors import UserError
+from ..model import image_size_for
+from .space import SearchSpace, load_space
+from .trainable import clipfh_trainable
+from .versions import load_versions
+
+OBJECTIVES = {"rank1": ["best_val_rank1"], "mAP": ["best_val_mAP"],
+              "both": ["best_val_rank1", "best_val_mAP"]}
+
+
+@dataclass
+class ExperimentOptions:
+    name: str | None = None
+    storage: str | None = None
+    profile: str = "tiny"
+    seeds: int = 1
+    data: str | None = None
+    cache_dir: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    address: str | None = None
+    resume: bool = False
+    max_failures: int = 2
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def default_storage() -> Path:
+    return (Path.cwd() / "runs" / "ray").resolve()
+
+
+def init_ray(options: ExperimentOptions) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Trials resolve paths before fit(); keep Ray's own chdir off too, so nothing relative breaks.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                              "configure_logging": False}
+    if options.address:
+        ray.init(address=options.address, **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+def _storage_and_name(options: ExperimentOptions, prefix: str) -> tuple[str, str]:
+    storage = options.storage or str(default_storage())
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    name = options.name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return storage, name
+
+
+def _prepare_shared_data(knob_sets: list[dict[str, Any]], options: ExperimentOptions) -> dict:
+    """Decode the data once per resolution before any trial starts; return absolute paths."""
+    data_dir = resolve_data_dir(options.data, options.cache_dir, log=_stderr)
+    sizes = {image_size_for(k.get("model", "vitb16"), k.get("profile", options.profile))
+             for k in knob_sets}
+    for size in sorted(sizes):
+        load_prepared(data_dir, size, cache_dir=options.cache_dir, progress=True)
+    return {"data_dir": str(data_dir), "cache_dir": options.cache_dir}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _resources(options: ExperimentOptions) -> dict[str, float]:
+    return {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
+
+
+def _run_config(options: ExperimentOptions, storage: str, name: str):
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name, storage_path=storage,
+        failure_config=tune.FailureConfig(max_failures=options.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1)
+
+
+def _restore(path: Path, trainable):
+    from ray import tune
+
+    if tune.Tuner.can_restore(str(path)):
+        _stderr(f"[tune] resuming experiment {path}")
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    raise UserError(f"--resume: no experiment to resume at {path} (check --name and --storage)")
+
+
+def fixed_trials(backbones: list[str], versions: list[str] | None, profile: str,
+                 overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Resolved knobs of each chosen version, with its name and backbone, ready for a trial."""
+    trials = []
+    for backbone in backbones:
+        resolved = load_versions(profile=profile).get(backbone)
+        if resolved is None:
+            raise ConfigError(f"--backbones: {backbone!r} is not valid (valid: vitb16, rn50)")
+        chosen = versions or list(resolved)
+        for version in chosen:
+            if version not in resolved:
+                raise ConfigError(f"--versions: {version!r} is not defined for {backbone} "
+                                  f"(valid: {', '.join(resolved)})")
+            item = resolved[version]
+            knobs = {**item.knobs, **overrides, "experiment": f"{backbone}-{version}"}
+            build_config(knobs, f"{backbone} {version}")  # fail before Ray starts
+            trials.append({"version": version, "backbone": backbone, "kind": "fixed",
+                           "thesis_run": item.thesis_run, **knobs})
+    return trials
+
+
+def reproduce(backbones: list[str], versions: list[str] | None,
+              options: ExperimentOptions) -> Path:
+    """One Tune experiment whose trials are the chosen versions x seeds."""
+    from ray import tune
+
+    storage, name = _storage_and_name(options, "reproduce")
+    path = Path(storage) / name
+    trials = fixed_trials(backbones, versions, options.profile, options.overrides)
+    shared = _prepare_shared_data(trials, options)
+    trainable = tune.with_resources(
+        tune.with_parameters(clipfh_trainable, base_knobs={}, **shared),
+        _resources(options))
+    init_ray(options)
+    if options.resume:
+        tuner = _restore(path, trainable)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"fixed": tune.grid_search(trials),
+                         "seed": tune.grid_search(list(range(options.seeds)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent),
+            run_config=_run_config(options, storage, name))
+    _write_meta(path, {"kind": "reproduce", "profile": options.profile, "backbones": backbones,
+                       "versions": versions, "seeds": options.seeds})
+    tuner.fit()
+    return path
+
+
+class FinalRowOptunaSearch:
+    """Factory for an OptunaSearch that records scheduler-stopped trials as PRUNED.
+
+    OptunaSearch tells Optuna the last reported row; a trial stopped early by ASHA would enter
+    the study as COMPLETE with under-trained metrics (anchors 3.3, pitfall 2). Only trials that
+    reached their final row (``final == 1``) count as COMPLETE.
+    """
+
+    @staticmethod
+    def create(**kwargs):
+        from ray.tune.search.optuna import OptunaSearch
+
+        class _Search(OptunaSearch):
+            def on_trial_complete(self, trial_id, result=None, error=False):
+                if result is not None and not result.get("final"):
+                    result = None
+                super().on_trial_complete(trial_id, result=result, error=error)
+
+        return _Search(**kwargs)
+
+
+def make_sampler(kind: str, seed: int):
+    """Multivariate TPE (multi-objective TPE when several metrics), or random search."""
+    import optuna
+
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: concurrent trials do not all get the same suggestion.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                      constant_liar=True)
+
+
+def search(space_path: str | None, num_samples: int, objective: str, backbone: str,
+           from_experiment: str | None, options: ExperimentOptions, *,
+           asha_grace: int = 2, asha_reduction: int = 3, warm_start: bool = True,
+           sampler: str = "tpe") -> Path:
+    """Optuna search on VALIDATION metrics, warm-started with the versions, ASHA early stop."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"--objective: {objective!r} is not valid (valid: "
+                          f"{', '.join(OBJECTIVES)})")
+    space = load_space(space_path, profile=options.profile, backbone=backbone)
+    storage, name = _storage_and_name(options, "search")
+    path = Path(storage) / name
+    base = {**space.base, "model": backbone, "profile": options.profile, "pretrained": "auto",
+            **options.overrides}
+    base["data_dir"], base["cache_dir"] = None, options.cache_dir
+    build_config(base, f"{space.source} base")
+    shared = _prepare_shared_data([base], options)
+    base["data_dir"] = shared["data_dir"]
+    metrics = OBJECTIVES[objective]
+    modes = ["max"] * len(metrics)
+    study_storage = path / "optuna.db"
+    path.mkdir(parents=True, exist_ok=True)
+    study_url = f"sqlite:///{study_storage}"
+    evaluated = []
+    if from_experiment and not options.resume:
+        evaluated = seed_study_with_results(study_url, name, space, Path(from_experiment),
+                                            metrics, backbone)
+    points = [p for p in version_points(space, backbone, options.profile)
+              if p not in evaluated] if warm_start else []
+    optuna_sampler = make_sampler(sampler, int(options.overrides.get("seed", 0)))
+    searcher = FinalRowOptunaSearch.create(
+        space=space.sample, metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=points or None,
+        sampler=optuna_sampler, study_name=name,
+        storage=optuna.storages.RDBStorage(study_url))
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=metrics[-1], mode="max",
+                              grace_period=asha_grace, reduction_factor=asha_reduction,
+                              max_t=10_000)
+    trainable = tune.with_resources(
+        tune.with_parameters(clipfh_trainable, base_knobs=base, **shared), _resources(options))
+    init_ray(options)
+    if options.resume:
+        tuner = _restore(path, trainable)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=num_samples,
+                                        max_concurrent_trials=options.max_concurrent or 2),
+            run_config=_run_config(options, storage, name))
+    _write_meta(path, {"kind": "search", "profile": options.profile, "backbone": backbone,
+                       "objective": objective, "metrics": metrics, "num_samples": num_samples,
+                       "space": space.source, "optuna_storage": study_url,
+                       "study_name": name})
+    tuner.fit()
+    return path
+
+
+def version_points(space: SearchSpace, backbone: str, profile: str) -> list[dict[str, Any]]:
+    """The versions' knobs as points to evaluate first (those that fall inside the space)."""
+    points = []
+    for item in load_versions(profile=profile).get(backbone, {}).values():
+        point = space.point_from_knobs(item.knobs)
+        if point is not None and point not in points:
+            points.append(point)
+    return points
+
+
+def seed_study_with_results(study_url: str, study_name: str, space: SearchSpace,
+                            experiment: Path, metrics: list[str], backbone: str) -> list[dict]:
+    """Add a reproduce run's measured validation results to the study as finished trials.
+
+    (OptunaSearch's ``evaluated_rewards`` does not work with a define-by-run space, so the
+    study is created first in the shared storage and OptunaSearch loads it.)
+    """
+    import optuna
+    from ray.tune import ExperimentAnalysis
+
+    if not experiment.is_dir():
+        raise UserError(f"--from-experiment {experiment}: folder does not exist")
+    analysis = ExperimentAnalysis(str(experiment.resolve()))
+    study = optuna.create_study(storage=study_url, study_name=study_name,
+                                directions=["maximize"] * len(metrics), load_if_exists=True)
+    added: list[dict] = []
+    for trial in analysis.trials:
+        result = trial.last_result or {}
+        fixed = trial.config.get("fixed") or {}
+        if not result.get("final") or fixed.get("backbone") != backbone:
+            continue
+        point = space.point_from_knobs(fixed)
+        if point is None:
+            continue
+        distributions = {p.name: p.distribution() for p in space.active(point)}
+        values = [float(result[m]) for m in metrics]
+        study.add_trial(optuna.trial.create_trial(
+            params=point, distributions=distributions,
+            values=values, user_attrs={"source": f"{experiment.name}/{fixed.get('version')}"}))
+        added.append(point)
+    _stderr(f"[search] warm start: {len(added)} measured versions from {experiment}")
+    return added
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tune_clipfh_experiment.json").write_text(json.dumps(meta, indent=1))

@@ -1,0 +1,76 @@
+"""Reading Tune experiments back: one row per trial from Ray's own result API.
+
+Each trial's LAST row is its ``final`` row (test metrics, status, running-best validation
+metrics); a trial without one was stopped by the scheduler (``status = stopped_by_scheduler``)
+or errored. ``best_val_*`` are running maxima, so the last row holds the best validation epoch's
+values (anchors 3.3, pitfall 11).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SUMMARY_COLUMNS = ["trial_id", "label", "seed", "status", "epoch", "best_val_rank1",
+                   "best_val_mAP", "test_rank1", "test_mAP", "time_total_s"]
+
+
+def experiment_meta(path: Path) -> dict[str, Any]:
+    meta = path / "tune_clipfh_experiment.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def trial_label(config: dict[str, Any]) -> str:
+    fixed = config.get("fixed") or {}
+    if fixed:
+        return f"{fixed.get('backbone')}-{fixed.get('version')}"
+    return "search"
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """One row per trial: knobs (``config/...``), its last reported metrics, status, label."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(Path(path).resolve()))
+    rows = []
+    for trial in analysis.trials:
+        result = dict(trial.last_result or {})
+        config = trial.config or {}
+        knobs = {**{k: v for k, v in (config.get("fixed") or {}).items()},
+                 **{k: v for k, v in config.items() if k != "fixed"}}
+        row = {f"config/{k}": v for k, v in knobs.items() if not isinstance(v, (dict, list))}
+        row.update({k: v for k, v in result.items() if not isinstance(v, (dict, list))})
+        row["trial_id"] = trial.trial_id
+        row["label"] = trial_label(config)
+        row["kind"] = "fixed" if config.get("fixed") else "search"
+        row["seed"] = knobs.get("seed", 0)
+        row["trial_status"] = trial.status
+        if not result.get("final"):
+            row["status"] = "errored" if trial.status == "ERROR" else (
+                "stopped_by_scheduler" if trial.status == "TERMINATED" else "unfinished")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize_experiment(path: str | Path) -> str:
+    """A short text table of the experiment's trials, best first."""
+    frame = load_results(path)
+    if frame.empty:
+        return f"{path}: no trials"
+    present = [c for c in SUMMARY_COLUMNS if c in frame.columns]
+    table = frame[present].sort_values("best_val_rank1", ascending=False,
+                                       na_position="last")
+    counts = frame["status"].value_counts().to_dict()
+    lines = [f"{len(frame)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items()),
+             table.to_string(index=False, float_format=_fmt)]
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.4f}"
+

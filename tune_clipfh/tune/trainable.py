@@ -1,0 +1,99 @@
+"""The Ray Tune function trainable: a thin adapter from the training core to ``tune.report``.
+
+Per epoch it reports the core's metrics (losses, every group's rate, validation Rank-1/mAP and
+their running best, epoch time) and, every ``checkpoint_every`` epochs, a checkpoint holding the
+whole training state; on restart it resumes from ``tune.get_checkpoint()``. A last row carries the
+10-split test metrics as ``test_*`` columns, the run's ``status`` and ``final = 1`` (a trial
+without that row was stopped by the scheduler).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from ..config import build_config
+from ..data.prepared import load_prepared
+from ..model import image_size_for
+from ..train.run import load_torch, save_torch
+from ..train.stages import EpochRecord, Trainer
+
+STATE_FILE = "state.pt"
+META_KEYS = ("version", "backbone", "kind", "thesis_run")
+"""Trial-config keys that describe the trial rather than configure training."""
+
+
+def trial_knobs(trial_config: dict[str, Any], base_knobs: dict[str, Any]) -> dict[str, Any]:
+    """Base knobs, then a fixed trial's knobs (``fixed``), then searched values, then the seed."""
+    knobs = dict(base_knobs)
+    fixed = trial_config.get("fixed") or {}
+    knobs.update({k: v for k, v in fixed.items() if k not in META_KEYS})
+    knobs.update({k: v for k, v in trial_config.items() if k != "fixed" and k not in META_KEYS})
+    return knobs
+
+
+def test_columns(test: dict[str, Any] | None) -> dict[str, float]:
+    """``test_rank1``, ``test_rank1_std``, ..., ``test_cmc_<k>``, ``test_split<i>_rank1``."""
+    if test is None:
+        return {}
+    columns: dict[str, float] = {}
+    for key, value in test["mean"].items():
+        columns[f"test_{key}"] = float(value)
+        columns[f"test_{key}_std"] = float(test["std"][key])
+    for rank, value in enumerate(test["cmc_mean"][:20], start=1):
+        columns[f"test_cmc_{rank}"] = float(value)
+    for index, split in enumerate(test["per_split"], start=1):
+        for key in ("rank1", "rank5", "rank10", "mAP"):
+            columns[f"test_split{index}_{key}"] = float(split[key])
+    return columns
+
+
+def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any],
+                     data_dir: str, cache_dir: str | None = None) -> None:
+    """Train one trial and report each epoch to Tune."""
+    knobs = trial_knobs(trial_config, base_knobs)
+    config = build_config(knobs, source=f"trial {tune.get_context().get_trial_name()}").config
+    # A trial's torch threads follow the CPUs Ray gave it (Ray sets OMP_NUM_THREADS).
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    data = load_prepared(data_dir, image_size_for(config.model, config.profile),
+                         cache_dir=cache_dir, progress=False)
+    trainer = Trainer(config, data, log=lambda line: print(line, flush=True), progress=False)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load_state_dict(load_torch(Path(folder) / STATE_FILE))
+        print(f"[trial] resumed at {trainer.stage} stage, epoch {trainer.epoch_done}",
+              flush=True)
+
+    def on_epoch(record: EpochRecord) -> None:
+        metrics = {**record.metrics, "stage": record.stage, "stage_epoch": record.epoch,
+                   "epoch": record.iteration, "final": 0}
+        if record.iteration % config.checkpoint_every:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_torch(Path(folder) / STATE_FILE, trainer.state_dict())
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    result = trainer.run(on_epoch)
+    last = dict(result.history[-1]) if result.history else {}
+    last.pop("stage", None)
+    selected = result.best_epoch is not None  # else no stage-2 epoch: the last row's values
+    final = {**last, "status": result.status, "final": 1,
+             "best_epoch": result.best_epoch if selected else -1,
+             "best_val_rank1": result.best_val["rank1"] if selected else last.get(
+                 "best_val_rank1", 0.0),
+             "best_val_mAP": result.best_val["mAP"] if selected else last.get(
+                 "best_val_mAP", 0.0),
+             "epochs_prompt_run": result.epochs_run["prompt"],
+             "epochs_image_run": result.epochs_run["image"],
+             **test_columns(result.test)}
+    if result.diverged_at is not None:
+        final["diverged_stage"] = result.diverged_at["stage"]
+        final["diverged_epoch"] = result.diverged_at["epoch"]
+    tune.report(final)

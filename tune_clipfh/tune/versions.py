@@ -1,0 +1,251 @@
+"""The thesis's hand-tuned Stage-2 versions (v1-v10) per backbone, read from a YAML data file.
+
+The file (default ``search_spaces/versions.yaml``) has three sections: ``common`` knobs,
+``profiles`` (overlays per profile) and ``backbones`` (per backbone, the versions in order, each
+with ``inherits``, ``thesis_run``, ``note`` and the knobs it ``set``s). A version resolves to
+RunConfig defaults <- common <- the ``set`` of every version on its inheritance chain, root first
+<- its model and run name <- the profile overlay, and is validated by :func:`build_config`, so an
+invalid value is reported with the file, backbone and version named.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import (
+    BACKBONE_BLOCKS,
+    FIELDS,
+    IGNORED_UPSTREAM_KEYS,
+    ConfigError,
+    RunConfig,
+    build_config,
+    read_yaml,
+    suggest,
+)
+
+VERSIONS_FILE = Path(__file__).resolve().parents[2] / "search_spaces" / "versions.yaml"
+SECTIONS = ("common", "profiles", "backbones")
+ENTRY_KEYS = ("inherits", "thesis_run", "note", "set")
+RESERVED_KNOBS = {"model": "the backbone section names the model",
+                  "experiment": "each version runs as <backbone>-<version>"}
+# Upstream aliases of id_head that build_config derives from it: left out of the resolved knobs
+# so that an override of id_head does not contradict them.
+DERIVED_KNOBS = ("use_arcface", "loss_use_arcface")
+FORMATS = ("table", "yaml", "json")
+TABLE_WIDTH = 100
+
+
+@dataclass
+class ResolvedVersion:
+    """One version of one backbone, ready to run as a fixed trial."""
+
+    backbone: str
+    version: str
+    thesis_run: bool  # false: the thesis never ran it on this backbone (defined by analogy)
+    note: str
+    knobs: dict[str, Any]  # the full validated flat config, inert and derived keys left out
+    delta: dict[str, tuple[Any, Any]]  # vs the previous version of the backbone: (old, new)
+    stated: list[str]  # knobs the versions file sets for it; the rest are RunConfig defaults
+
+
+def load_versions(path: str | Path | None = None,
+                  profile: str = "full") -> dict[str, dict[str, ResolvedVersion]]:
+    """backbone -> version (file order) -> resolved version, in ``profile``."""
+    path = _path(path)
+    data = read_yaml(path)
+    for key in data:
+        if key not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section '{key}'{suggest(str(key), SECTIONS)} "
+                              f"(valid: {', '.join(SECTIONS)})")
+    common = _knobs(data.get("common") or {}, f"{path} [common]")
+    profiles = _mapping(data.get("profiles") or {}, f"{path} [profiles]")
+    if profile not in profiles:
+        raise ConfigError(f"{path}: profile '{profile}' is not defined{suggest(profile, profiles)}"
+                          f" (valid: {', '.join(map(str, profiles)) or 'none defined'})")
+    overlay = _knobs(profiles[profile], f"{path} [profile {profile}]")
+    backbones = _mapping(data.get("backbones"), f"{path} [backbones]")
+    return {str(backbone): _resolve_backbone(path, str(backbone), versions, common, overlay)
+            for backbone, versions in backbones.items()}
+
+
+def version_config(backbone: str, version: str, profile: str = "full",
+                   overrides: dict[str, Any] | None = None,
+                   path: str | Path | None = None) -> RunConfig:
+    """The validated config of one version, with ``overrides`` (seed, data_dir, ...) applied last."""
+    path = _path(path)
+    versions = load_versions(path, profile)
+    if backbone not in versions:
+        raise ConfigError(f"{path}: backbone '{backbone}' is not defined"
+                          f"{suggest(backbone, versions)} (defined: {', '.join(versions)})")
+    if version not in versions[backbone]:
+        raise ConfigError(f"{path} [{backbone}]: version '{version}' is not defined"
+                          f"{suggest(version, versions[backbone])} "
+                          f"(defined: {', '.join(versions[backbone])})")
+    source = f"{path} [{backbone} {version}]" + (" with overrides" if overrides else "")
+    knobs = {**versions[backbone][version].knobs, **(overrides or {})}
+    return build_config(knobs, source).config
+
+
+def format_versions(resolved: list[ResolvedVersion], fmt: str = "table") -> str:
+    """``table``: per backbone, the knobs the file sets, one column per version, and the changes
+    vs the previous version; ``yaml`` / ``json``: everything resolved."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format '{fmt}' is not valid (valid: {', '.join(FORMATS)})")
+    if fmt == "table":
+        backbones = dict.fromkeys(item.backbone for item in resolved)
+        return "\n\n".join(_table([item for item in resolved if item.backbone == backbone])
+                           for backbone in backbones)
+    records: dict[str, dict[str, Any]] = {}
+    for item in resolved:
+        records.setdefault(item.backbone, {})[item.version] = {
+            "thesis_run": item.thesis_run,
+            "note": item.note,
+            "delta": {key: [old, new] for key, (old, new) in item.delta.items()},
+            "knobs": item.knobs,
+        }
+    if fmt == "json":
+        return json.dumps(records, indent=2)
+    return yaml.safe_dump(records, sort_keys=False, width=TABLE_WIDTH)
+
+
+# ------------------------------------------------------------------------------------------
+# Resolution
+
+
+def _path(path: str | Path | None) -> Path:
+    return VERSIONS_FILE if path is None else Path(path)
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _knobs(values: Any, where: str) -> dict[str, Any]:
+    """A block of knobs: every key a RunConfig field that the file may set."""
+    values = _mapping(values, where)
+    for key in values:
+        if key in RESERVED_KNOBS:
+            raise ConfigError(f"{where}: key '{key}' cannot be set here: {RESERVED_KNOBS[key]}")
+        if key not in FIELDS:
+            raise ConfigError(f"{where}: key '{key}': unknown key{suggest(str(key), FIELDS)} "
+                              f"(see `tune-clipfh config keys`)")
+    return dict(values)
+
+
+def _entry(entry: Any, where: str) -> dict[str, Any]:
+    entry = _mapping(entry, where)
+    for key in entry:
+        if key not in ENTRY_KEYS:
+            raise ConfigError(f"{where}: unknown entry key '{key}'{suggest(str(key), ENTRY_KEYS)}"
+                              f" (valid: {', '.join(ENTRY_KEYS)})")
+    thesis_run, note, inherits = entry.get("thesis_run"), entry.get("note"), entry.get("inherits")
+    if not isinstance(thesis_run, bool):
+        raise ConfigError(f"{where}: 'thesis_run' must be true or false, got {thesis_run!r}")
+    if not isinstance(note, str) or not note.strip():
+        raise ConfigError(f"{where}: 'note' must quote the change the thesis states "
+                          f"(a non-empty string), got {note!r}")
+    if inherits is not None and not isinstance(inherits, str):
+        raise ConfigError(f"{where}: 'inherits' must name a version, got {inherits!r}")
+    return {"inherits": inherits, "thesis_run": thesis_run, "note": " ".join(note.split()),
+            "set": _knobs(entry.get("set") or {}, where)}
+
+
+def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str, Any],
+                      overlay: dict[str, Any]) -> dict[str, ResolvedVersion]:
+    where = f"{path} [{backbone}]"
+    if backbone not in BACKBONE_BLOCKS:
+        raise ConfigError(f"{where}: unknown backbone{suggest(backbone, BACKBONE_BLOCKS)} "
+                          f"(valid: {', '.join(BACKBONE_BLOCKS)})")
+    entries = {str(version): _entry(entry, f"{path} [{backbone} {version}]")
+               for version, entry in _mapping(versions, where).items()}
+    resolved: dict[str, ResolvedVersion] = {}
+    previous: dict[str, Any] | None = None
+    for version, entry in entries.items():
+        values = {"model": backbone, "experiment": f"{backbone}-{version}", **common}
+        stated = set(common) | set(overlay)
+        for ancestor in _lineage(path, backbone, entries, version):
+            values.update(entries[ancestor]["set"])
+            stated |= set(entries[ancestor]["set"])
+        values.update(overlay)
+        config = build_config(values, f"{path} [{backbone} {version}]").config
+        knobs = {key: value for key, value in config.to_dict().items()
+                 if key not in IGNORED_UPSTREAM_KEYS and key not in DERIVED_KNOBS}
+        delta = {} if previous is None else {
+            key: (previous[key], value) for key, value in knobs.items()
+            if key != "experiment" and previous[key] != value}
+        resolved[version] = ResolvedVersion(backbone, version, entry["thesis_run"], entry["note"],
+                                            knobs, delta, [key for key in FIELDS if key in stated])
+        previous = knobs
+    return resolved
+
+
+def _lineage(path: Path, backbone: str, entries: dict[str, dict[str, Any]],
+             version: str) -> list[str]:
+    """The version and its ancestors, root first."""
+    chain = [version]
+    while (parent := entries[chain[-1]]["inherits"]) is not None:
+        if parent not in entries:
+            raise ConfigError(f"{path} [{backbone} {chain[-1]}]: inherits '{parent}', which is "
+                              f"not defined{suggest(parent, entries)} "
+                              f"(defined: {', '.join(entries)})")
+        if parent in chain:
+            cycle = " -> ".join([*chain[chain.index(parent):], parent])
+            raise ConfigError(f"{path} [{backbone} {parent}]: inheritance cycle {cycle}")
+        chain.append(parent)
+    return chain[::-1]
+
+
+# ------------------------------------------------------------------------------------------
+# Table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return f"[{len(value)} items]"
+    if isinstance(value, str) and len(value.split()) > 1:
+        return repr(value)
+    return str(value)
+
+
+def _table(items: list[ResolvedVersion]) -> str:
+    """Rows: the stated knobs that differ between the versions shown (all of them for one
+    version); the ones they share follow on one wrapped line."""
+    stated = [key for key in FIELDS if any(key in item.stated for item in items)]
+    varying = [key for key in stated
+               if len(items) == 1 or len({repr(item.knobs[key]) for item in items}) > 1]
+    shared = [key for key in stated if key not in varying]
+    header = ["knob", *(item.version for item in items)]
+    rows = [["thesis_run", *(_cell(item.thesis_run) for item in items)],
+            *([key, *(_cell(item.knobs[key]) for item in items)] for key in varying)]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    lines = [f"{items[0].backbone}: {len(items)} version(s), profile {items[0].knobs['profile']}"]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip() for row in [header, *rows]]
+    if shared:
+        lines.append(textwrap.fill(
+            "same in every version: " + ", ".join(f"{key} {_cell(items[0].knobs[key])}"
+                                                  for key in shared),
+            width=TABLE_WIDTH, subsequent_indent="  "))
+    lines.append("changes vs previous:")
+    name_width = max(len(item.version) for item in items)
+    for item in items:
+        changes = "; ".join(f"{key} {_cell(old)} -> {_cell(new)}"
+                            for key, (old, new) in item.delta.items()) or "-"
+        lines.append(textwrap.fill(changes, width=TABLE_WIDTH,
+                                   initial_indent=f"  {item.version.ljust(name_width)}  ",
+                                   subsequent_indent=" " * (name_width + 4)))
+    return "\n".join(lines)
