@@ -235,7 +235,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: cuda when available")
     amp: Literal["auto", "off", "bf16", "fp16"] = knob(
         "auto", "mixed precision on CUDA (auto: bf16 where supported); always fp32 on CPU")
-    checkpoint_every: int = knob(1, "epochs between resumable checkpoints", low=1,
+    checkpoint_every: int = knob(2, "epochs between resumable checkpoints", low=1,
                                  high=10_000)
 
     # -------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def init_ray(options: ExperimentOptions) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Trials resolve paths before fit(); keep Ray's own chdir off too, so nothing relative breaks.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+    # Trial logs stay in each trial's folder; the driver prints one line per epoch instead.
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}
     if options.address:
         ray.init(address=options.address, **kwargs)
@@ -94,11 +95,23 @@ def _resources(options: ExperimentOptions) -> dict[str, float]:
 def _run_config(options: ExperimentOptions, storage: str, name: str):
     from ray import tune
 
+    from .progress import TrialProgress
+
     return tune.RunConfig(
         name=name, storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=1)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=[TrialProgress()], verbose=0)
+
+
+def _tune_config(**kwargs):
+    """TuneConfig with short, readable trial names and folders (label + trial id)."""
+    from ray import tune
+
+    from .progress import trial_folder_name
+
+    return tune.TuneConfig(trial_name_creator=trial_folder_name,
+                           trial_dirname_creator=trial_folder_name, **kwargs)
 
 
 def _restore(path: Path, trainable):
@@ -152,7 +165,7 @@ def reproduce(backbones: list[str], versions: list[str] | None,
             trainable,
             param_space={"fixed": tune.grid_search(trials),
                          "seed": tune.grid_search(list(range(options.seeds)))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent),
+            tune_config=_tune_config(max_concurrent_trials=options.max_concurrent),
             run_config=_run_config(options, storage, name))
     _write_meta(path, {"kind": "reproduce", "profile": options.profile, "backbones": backbones,
                        "versions": versions, "seeds": options.seeds})
@@ -241,7 +254,7 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
     else:
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+            tune_config=_tune_config(search_alg=searcher, scheduler=scheduler,
                                         num_samples=num_samples,
                                         max_concurrent_trials=options.max_concurrent or 2),
             run_config=_run_config(options, storage, name))

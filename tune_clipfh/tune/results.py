@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from .progress import trial_label
+
 SUMMARY_COLUMNS = ["trial_id", "label", "seed", "status", "epoch", "best_val_rank1",
                    "best_val_mAP", "test_rank1", "test_mAP", "time_total_s"]
 
@@ -22,13 +24,6 @@ SUMMARY_COLUMNS = ["trial_id", "label", "seed", "status", "epoch", "best_val_ran
 def experiment_meta(path: Path) -> dict[str, Any]:
     meta = path / "tune_clipfh_experiment.json"
     return json.loads(meta.read_text()) if meta.is_file() else {}
-
-
-def trial_label(config: dict[str, Any]) -> str:
-    fixed = config.get("fixed") or {}
-    if fixed:
-        return f"{fixed.get('backbone')}-{fixed.get('version')}"
-    return "search"
 
 
 def load_results(path: str | Path) -> pd.DataFrame:

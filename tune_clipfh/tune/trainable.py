@@ -14,10 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
-from ..config import build_config
+from ..config import ConfigError, build_config
 from ..data.prepared import load_prepared
 from ..model import image_size_for
 from ..train.run import load_torch, save_torch
@@ -57,7 +58,14 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
                      data_dir: str, cache_dir: str | None = None) -> None:
     """Train one trial and report each epoch to Tune."""
     knobs = trial_knobs(trial_config, base_knobs)
-    config = build_config(knobs, source=f"trial {tune.get_context().get_trial_name()}").config
+    try:
+        config = build_config(knobs, source=f"trial {tune.get_context().get_trial_name()}").config
+    except ConfigError as exc:
+        # A sampled combination the schema refuses (e.g. every loss off): record it, scored 0,
+        # so the searcher learns to avoid it and the experiment goes on.
+        tune.report({"final": 1, "status": "invalid_config", "error": str(exc),
+                     "best_val_rank1": 0.0, "best_val_mAP": 0.0})
+        return
     # A trial's torch threads follow the CPUs Ray gave it (Ray sets OMP_NUM_THREADS).
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     data = load_prepared(data_dir, image_size_for(config.model, config.profile),
@@ -70,9 +78,11 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
         print(f"[trial] resumed at {trainer.stage} stage, epoch {trainer.epoch_done}",
               flush=True)
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def on_epoch(record: EpochRecord) -> None:
         metrics = {**record.metrics, "stage": record.stage, "stage_epoch": record.epoch,
-                   "epoch": record.iteration, "final": 0}
+                   "epoch": record.iteration, "final": 0, "node_id": node_id}
         if record.iteration % config.checkpoint_every:
             tune.report(metrics)
             return
@@ -84,7 +94,7 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
     last = dict(result.history[-1]) if result.history else {}
     last.pop("stage", None)
     selected = result.best_epoch is not None  # else no stage-2 epoch: the last row's values
-    final = {**last, "status": result.status, "final": 1,
+    final = {**last, "status": result.status, "final": 1, "node_id": node_id,
              "best_epoch": result.best_epoch if selected else -1,
              "best_val_rank1": result.best_val["rank1"] if selected else last.get(
                  "best_val_rank1", 0.0),
