@@ -415,7 +415,7 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor, stage: str, epoch: int) -> None:
         if not torch.isfinite(loss):
             raise Diverged({"stage": stage, "epoch": epoch, "iteration": self.iteration + 1,
-                            "loss": float(loss)})
+                            "loss": float(loss.detach())})
 
     def _step(self, loss: torch.Tensor, params, center: bool = False) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,189 @@
+"""The training core on tiny models and synthetic data: it learns, every knob does what it says."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tune_clipfh.config import build_config
+from tune_clipfh.train.optim import ParamGroup, ScheduleSpec, StageSchedule, build_optimizer
+from tune_clipfh.train.run import evaluate_run, load_torch, prepare_data, train_run
+from tune_clipfh.train.stages import Trainer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+QUICK = {"profile": "tiny", "pretrained": "none", "epochs_prompt": 1, "epochs_image": 1,
+         "early_stop_patience": 0, "n_ctx": 4, "lr": 1e-3, "lr_prompt": 5e-3,
+         "aug_hflip": 0.0}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("train-cache"))
+
+
+def make_config(cache_dir, **knobs):
+    return build_config({**QUICK, "cache_dir": cache_dir, **knobs}, "test").config
+
+
+@pytest.fixture(scope="module")
+def data(cache_dir):
+    return prepare_data(make_config(cache_dir), progress=False)
+
+
+def quiet(_line):
+    pass
+
+
+def trainer_for(data, cache_dir, **knobs):
+    return Trainer(make_config(cache_dir, **knobs), data, log=quiet, progress=False)
+
+
+def test_short_run_beats_chance_and_the_untrained_model(data, cache_dir):
+    trainer = trainer_for(data, cache_dir, model="rn50", unfreeze_mode="all",
+                          unfreeze_blocks=4, epochs_prompt=3, epochs_image=20,
+                          early_stop_patience=8, lr_visual=1e-3, lr_head=1e-3,
+                          warmup_epochs=1, aug_pad_crop=4, label_smoothing=0.1)
+    result = trainer.run()
+    chance = 1 / len(set(data.val_ids[data.val_split.gallery]))
+    untrained = trainer.initial_val["rank1"]
+    assert result.status in ("completed", "early_stopped")
+    assert result.best_val["rank1"] >= 3 * chance
+    assert result.best_val["rank1"] >= untrained + 0.1
+    # The test ranks 40 identities: well above chance too.
+    assert result.test["mean"]["rank1"] >= 3 / 40
+
+
+@pytest.mark.parametrize("flag, term", [("loss_use_id", "loss_id"),
+                                        ("loss_use_triplet", "loss_triplet"),
+                                        ("loss_use_i2t", "loss_i2t")])
+def test_each_loss_flag_removes_exactly_its_term(data, cache_dir, flag, term):
+    on = trainer_for(data, cache_dir, loss_use_center=True).run()
+    off = trainer_for(data, cache_dir, loss_use_center=True, **{flag: False}).run()
+    image_on = [r for r in on.history if r["stage"] == "image"][0]
+    image_off = [r for r in off.history if r["stage"] == "image"][0]
+    assert term in image_on and term not in image_off
+    assert set(image_on) - set(image_off) == {term}
+    assert math.isfinite(image_off["loss_total"]) and off.status == "completed"
+
+
+def test_center_loss_centres_move(data, cache_dir):
+    trainer = trainer_for(data, cache_dir, loss_use_center=True, center_loss_weight=0.01,
+                          center_lr=0.5)
+    before = trainer.center.centers.detach().clone()
+    trainer.run()
+    assert not torch.allclose(before, trainer.center.centers)
+
+
+def _changed(before, after):
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def test_unfreeze_two_blocks_trains_only_them_and_the_heads(data, cache_dir):
+    trainer = trainer_for(data, cache_dir, model="vitb16", unfreeze_blocks=2,
+                          unfreeze_mode="last_n", stage_mode="image_only", lr=1e-2)
+    visual_before = {k: v.clone() for k, v in trainer.backbone.clip.visual.state_dict().items()}
+    head_before = {k: v.clone() for k, v in trainer.head.state_dict().items()}
+    trainer.run()
+    changed = _changed(visual_before, trainer.backbone.clip.visual.state_dict())
+    assert changed and all(n.startswith(("transformer.resblocks.10.",
+                                         "transformer.resblocks.11.")) for n in changed)
+    assert "classifier.weight" in _changed(head_before, trainer.head.state_dict())
+
+
+def test_frozen_text_encoder_gets_no_update(data, cache_dir):
+    trainer = trainer_for(data, cache_dir)
+    text_before = {k: v.clone() for k, v in trainer.backbone.clip.state_dict().items()
+                   if not k.startswith("visual.")}
+    prompts_before = trainer.prompts.context.detach().clone()
+    trainer.run()
+    after = trainer.backbone.clip.state_dict()
+    assert not _changed(text_before, {k: after[k] for k in text_before})
+    assert not torch.equal(prompts_before, trainer.prompts.context)
+
+
+def test_onecycle_gives_each_group_its_own_peak():
+    groups = [ParamGroup("visual", [torch.nn.Parameter(torch.zeros(1))], 1e-3, 0.0),
+              ParamGroup("head", [torch.nn.Parameter(torch.zeros(1))], 1e-2, 0.0)]
+    optimizer = build_optimizer("adamw", groups)
+    schedule = StageSchedule(optimizer, ScheduleSpec(kind="onecycle", per_batch=True,
+                                                     onecycle_pct_start=0.1), 10, 10)
+    trace = []
+    for _ in range(100):
+        trace.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        schedule.after_batch()
+    trace = np.array(trace)
+    assert trace[:, 0].max() == pytest.approx(1e-3) and trace[:, 1].max() == pytest.approx(1e-2)
+    assert trace[0, 0] == pytest.approx(1e-3 / 25)
+    assert trace[:, 0].argmax() == 10  # the peak after pct_start of the steps
+
+
+def test_cosine_per_batch_decays_once_over_all_batches():
+    optimizer = build_optimizer("adam", [ParamGroup("visual", [torch.nn.Parameter(
+        torch.zeros(1))], 1e-4, 0.0)])
+    schedule = StageSchedule(optimizer, ScheduleSpec(kind="cosine", per_batch=True,
+                                                     eta_min=1e-6), 30, 28)
+    trace = []
+    for _ in range(30 * 28):
+        trace.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.after_batch()
+    assert all(a >= b for a, b in zip(trace, trace[1:], strict=False))  # no upstream cycling (B8)
+    assert trace[-1] == pytest.approx(1e-6, rel=0.05)
+
+
+def test_huge_learning_rate_ends_as_diverged(data, cache_dir):
+    result = trainer_for(data, cache_dir, optimizer="sgd", lr=10.0, stage_mode="image_only",
+                         epochs_image=3, loss_use_triplet=False).run()
+    assert result.status == "diverged"
+    assert result.diverged_at["stage"] == "image" and result.test is None
+
+
+def test_same_seed_same_metrics(data, cache_dir):
+    a = trainer_for(data, cache_dir, seed=3).run()
+    b = trainer_for(data, cache_dir, seed=3).run()
+    assert a.history[-1]["loss_total"] == b.history[-1]["loss_total"]
+    assert a.test["mean"] == b.test["mean"]
+
+
+def test_resumed_run_equals_uninterrupted_run(data, cache_dir):
+    knobs = {"epochs_prompt": 2, "epochs_image": 3, "seed": 1}
+    full = trainer_for(data, cache_dir, **knobs).run()
+
+    class Stop(Exception):
+        pass
+
+    first = trainer_for(data, cache_dir, **knobs)
+    saved = {}
+
+    def stop_after_image_epoch_1(record):
+        if record.stage == "image" and record.epoch == 1:
+            saved["state"] = first.state_dict()
+            raise Stop
+
+    with pytest.raises(Stop):
+        first.run(stop_after_image_epoch_1)
+    second = trainer_for(data, cache_dir, **knobs)
+    second.load_state_dict(saved["state"])
+    resumed = second.run()
+    assert [r["loss_total"] for r in resumed.history if r["stage"] == "image"] == \
+        [r["loss_total"] for r in full.history if r["stage"] == "image"]
+    assert resumed.test["mean"] == full.test["mean"]
+
+
+def test_run_folder_checkpoint_reloads_to_the_same_metrics(cache_dir, tmp_path):
+    config = make_config(cache_dir, epochs_image=2)
+    result = train_run(config, tmp_path, log=quiet, progress=False)
+    for name in ("config.yaml", "metrics.jsonl", "best.pt", "test_results.json",
+                 "test_results.csv", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    checkpoint = load_torch(tmp_path / "best.pt")  # weights_only=True
+    assert checkpoint["epoch"] == result.best_epoch and checkpoint["backbone"] == "tiny-vit"
+    header = (tmp_path / "test_results.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["version", "split1_R1", "split1_R5"] and header[-1] == "final_mAP"
+    again = evaluate_run(tmp_path, log=quiet, progress=False)
+    for key in ("rank1", "mAP"):
+        assert again["mean"][key] == pytest.approx(result.test["mean"][key], abs=1e-9)
