@@ -237,6 +237,9 @@ class RunConfig:
         "auto", "mixed precision on CUDA (auto: bf16 where supported); always fp32 on CPU")
     checkpoint_every: int = knob(2, "epochs between resumable checkpoints", low=1,
                                  high=10_000)
+    checkpoint_min_interval_s: float = knob(
+        10.0, "Tune trials: at least this many seconds between checkpoints (sub-second tiny "
+        "epochs would otherwise snapshot the experiment constantly)", low=0, high=1e6)
 
     # -------------------------------------------------------------------------------------
     @property

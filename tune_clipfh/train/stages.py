@@ -216,6 +216,10 @@ class Trainer:
                 self.history.append({"stage": stage, "epoch": epoch,
                                      "iteration": self.iteration, **metrics})
                 self.log(format_epoch_line(record))
+                if self.status == "early_stopped":
+                    self.log(f"[train] early stop: no better validation Rank-1 for "
+                             f"{self.patience} epochs (best {self.best['rank1']:.4f} at epoch "
+                             f"{self.best['epoch']})")
                 if on_epoch is not None:
                     on_epoch(record)
 
@@ -384,8 +388,6 @@ class Trainer:
         if cfg.early_stop_patience and self.patience >= cfg.early_stop_patience \
                 and epoch < cfg.epochs_image:
             self.status = "early_stopped"
-            self.log(f"[train] early stop: no better validation Rank-1 for {self.patience} "
-                     f"epochs (best {self.best['rank1']:.4f} at epoch {self.best['epoch']})")
         return metrics
 
     def _val_columns(self, val: dict[str, float] | None) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,18 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
               flush=True)
 
     node_id = ray.get_runtime_context().get_node_id()
+    last_checkpoint = time.monotonic()
 
     def on_epoch(record: EpochRecord) -> None:
+        nonlocal last_checkpoint
         metrics = {**record.metrics, "stage": record.stage, "stage_epoch": record.epoch,
                    "epoch": record.iteration, "final": 0, "node_id": node_id}
-        if record.iteration % config.checkpoint_every:
+        due = record.iteration % config.checkpoint_every == 0 and \
+            time.monotonic() - last_checkpoint >= config.checkpoint_min_interval_s
+        if not due:
             tune.report(metrics)
             return
+        last_checkpoint = time.monotonic()
         with tempfile.TemporaryDirectory() as folder:
             save_torch(Path(folder) / STATE_FILE, trainer.state_dict())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
