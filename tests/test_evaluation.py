@@ -210,11 +210,19 @@ def test_cosine_and_euclidean_rank_normalised_features_alike():
 
 
 def test_invalid_metric_raises():
-    with pytest.raises(ValueError, match="cosine, euclidean"):
+    with pytest.raises(ValueError, match="cosine, euclidean, dot"):
         pairwise_distance(torch.ones(2, 3), torch.ones(2, 3), metric="manhattan")
-    with pytest.raises(ValueError, match="cosine, euclidean"):
+    with pytest.raises(ValueError, match="cosine, euclidean, dot"):
         rank_metrics_from_features(torch.ones(2, 3), torch.ones(2, 3), [0, 1], [0, 1],
-                                   metric="dot")
+                                   metric="hamming")
+
+
+def test_dot_metric_ranks_by_unnormalised_dot_product():
+    query = torch.tensor([[1.0, 0.0]])
+    gallery = torch.tensor([[0.5, 0.0], [2.0, 2.0]])  # cosine prefers 0, dot prefers 1
+    assert pairwise_distance(query, gallery, "dot").tolist() == [[-0.5, -2.0]]
+    assert rank_metrics_from_features(query, gallery, [1], [0, 1], metric="dot")["rank1"] == 1
+    assert rank_metrics_from_features(query, gallery, [1], [0, 1])["rank1"] == 0
 
 
 def test_flip_average():

@@ -108,9 +108,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from .tune.versions import format_versions, load_versions
+    from .tune.versions import VERSIONS_AS_RUN_FILE, format_versions, load_versions
 
-    resolved = load_versions(profile=args.profile)
+    resolved = load_versions(VERSIONS_AS_RUN_FILE if args.as_run else None, profile=args.profile)
     backbones = [args.backbone] if args.backbone else list(resolved)
     chosen = []
     for backbone in backbones:
@@ -143,7 +143,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     path = reproduce(_split(args.backbones), _split(args.versions) or None,
-                     _experiment_options(args))
+                     _experiment_options(args), as_run=args.as_run)
+    print(summarize_experiment(path))
+    print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .tune.experiment import ablate
+    from .tune.results import summarize_experiment
+
+    started = time.perf_counter()
+    path = ablate(args.backbone, args.version, _experiment_options(args))
     print(summarize_experiment(path))
     print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
     return 0
@@ -160,6 +171,16 @@ def cmd_search(args: argparse.Namespace) -> int:
                   sampler=args.sampler)
     print(summarize_experiment(path))
     print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    out = args.out or Path("runs") / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = build_report(args.experiments, out, reference_csv=args.reference,
+                        log=lambda line: print(line, file=sys.stderr))
+    print(f"report: {path}")
     return 0
 
 
@@ -287,13 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     versions.add_argument("--version", help="one version, e.g. v5")
     versions.add_argument("--profile", choices=("full", "tiny"), default="full")
     versions.add_argument("--format", choices=("table", "yaml", "json"), default="table")
+    versions.add_argument("--as-run", action="store_true",
+                          help="the versions as upstream's code ran them (bugs switched on)")
     versions.set_defaults(func=cmd_versions)
 
     repro = verbs.add_parser("reproduce", help="run v1-v10 as fixed trials of a Tune experiment")
     repro.add_argument("--backbones", default="vitb16,rn50")
     repro.add_argument("--versions", help="comma-separated, e.g. v1,v5 (default: all)")
+    repro.add_argument("--as-run", action="store_true",
+                       help="run the versions as upstream's code ran them (versions_as_run.yaml)")
     _add_experiment_options(repro)
     repro.set_defaults(func=cmd_reproduce)
+
+    ablation = verbs.add_parser(
+        "ablate", help="one version: correct, as-run, and as-run with each upstream bug fixed")
+    ablation.add_argument("--backbone", choices=("vitb16", "rn50"), default="vitb16")
+    ablation.add_argument("--version", default="v5")
+    _add_experiment_options(ablation)
+    ablation.set_defaults(func=cmd_ablate)
 
     search = verbs.add_parser("search", help="Optuna search beyond v10 with ASHA early stopping")
     search.add_argument("--space", help="search-space YAML (default: search_spaces/beyond_v10.yaml)")
@@ -309,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--asha-reduction", type=int, default=3, help="ASHA reduction factor")
     _add_experiment_options(search)
     search.set_defaults(func=cmd_search)
+
+    report = verbs.add_parser("report", help="write report.html (plotly, offline) and CSV "
+                              "tables from reproduce/search experiments")
+    report.add_argument("experiments", nargs="+", metavar="EXPERIMENT_DIR",
+                        help="Tune experiment folders (reproduce and/or search)")
+    report.add_argument("--out", help="report folder (default: runs/report-time)")
+    report.add_argument("--reference", metavar="CSV", help="the thesis's per-version table "
+                        "(default: analysis/thesis_clipfh_11k_dorsal_r_eval.csv)")
+    report.set_defaults(func=cmd_report)
 
     demo = verbs.add_parser("demo", help="train, reproduce v1-v10 and search on the embedded "
                             "synthetic dataset with tiny models")

@@ -40,6 +40,24 @@ IGNORED_UPSTREAM_KEYS = {
 }
 
 
+AS_RUN_SWITCHES = {
+    "B1 train_normalize": ("train_normalize",),
+    "B2/B3 text_pool": ("text_pool_prompt", "text_pool_image"),
+    "B4 id_loss_head": ("id_loss_head",),
+    "B5 heads_trainable": ("heads_trainable",),
+    "B6 update_centers": ("update_centers",),
+    "B7 supcon_exclude_own_pair": ("supcon_exclude_own_pair",),
+    "B7 sampler": ("sampler", "pk_k"),
+    "B8 schedule_mode": ("schedule_mode", "shared_optimizer_across_stages"),
+    "B10 text_encoder": ("freeze_text_encoder",),
+    "B11 select_on": ("select_on",),
+    "B12 eval_fusion": ("eval_fusion",),
+    "B13 unfreeze_mode": ("unfreeze_mode", "unfreeze_blocks"),
+}
+"""Upstream behaviours an ablation switches back to correct one at a time, with the knobs
+that make up each (a v* schedule replay needs the shared optimizer, so B8 resets both)."""
+
+
 class ConfigError(UserError):
     """A user error in a configuration: one line, naming the source, the key and what is valid."""
 
@@ -240,6 +258,40 @@ class RunConfig:
     checkpoint_min_interval_s: float = knob(
         10.0, "Tune trials: at least this many seconds between checkpoints (sub-second tiny "
         "epochs would otherwise snapshot the experiment constantly)", low=0, high=1e6)
+
+    # --- upstream "as-run" behaviour switches: each defaults to the correct behaviour and
+    # reproduces one upstream bug when changed (upstream_stage2_spec.md section 6) ---
+    train_normalize: bool = knob(
+        True, "CLIP-normalise train and validation inputs (false: [0,1] pixels while the test "
+        "is normalised, B1)", group="as_run")
+    text_pool_prompt: Literal["eot", "sos", "mean"] = knob(
+        "eot", "stage-1 text pooling (upstream: mean over all 77 tokens, B2/B3)", group="as_run")
+    text_pool_image: Literal["eot", "sos", "mean"] = knob(
+        "eot", "stage-2 text pooling (upstream: SOS token, a constant vector, B2)",
+        group="as_run")
+    id_loss_head: Literal["id_head", "linear"] = knob(
+        "id_head", "which head's logits enter the ID loss (linear: an extra linear classifier "
+        "while the ArcFace head only logs, upstream v3+, B4)", group="as_run")
+    heads_trainable: bool = knob(True, "BNNeck and ID heads in the optimizer (false: B5)",
+                                 group="as_run")
+    update_centers: bool = knob(True, "step the center-loss centres (false: B6)",
+                                group="as_run")
+    supcon_exclude_own_pair: bool = knob(
+        False, "drop the own image-text pair from SupCon positives and denominator (B7)",
+        group="as_run")
+    schedule_mode: Literal["per_stage", "v1_single_epoch_cosine", "v2_batch_then_epoch_cosine",
+                           "v3_double_onecycle", "v8_cyclic_batch_cosine"] = knob(
+        "per_stage", "per_stage: a fresh schedule per stage; the v* modes replay upstream's "
+        "scheduler call patterns on one shared optimizer (B8)", group="as_run")
+    shared_optimizer_across_stages: bool = knob(
+        False, "one optimizer (prompt, visual, text groups) for both stages (B8e)",
+        group="as_run")
+    select_on: Literal["val", "test_split0"] = knob(
+        "val", "model selection and early stopping on validation or on test split 1 (B11)",
+        group="as_run")
+    eval_fusion: Literal["none", "sos_text"] = knob(
+        "none", "test features: image only, or (image + constant SOS text)/2 ranked by dot "
+        "product (B12)", group="as_run")
 
     # -------------------------------------------------------------------------------------
     @property
@@ -490,6 +542,9 @@ def _check_consistency(c: RunConfig, source: str, given: dict[str, Any]) -> None
             fail("prompt_template_list", f"{template!r} must contain {CTX_PLACEHOLDER} once")
     if c.profile == "tiny" and c.resolved_pretrained == "openai":
         fail("pretrained", "the tiny profile has no pretrained weights (valid: none)")
+    if c.schedule_mode != "per_stage" and not c.shared_optimizer_across_stages:
+        fail("schedule_mode", f"{c.schedule_mode} replays upstream schedulers on one shared "
+             f"optimizer: set shared_optimizer_across_stages: true (or schedule_mode: per_stage)")
     if c.scheduler == "step" and sorted(c.step_milestones) != c.step_milestones:
         fail("step_milestones", f"{c.step_milestones} must be increasing")
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 AP_MODES = ("standard", "trapezoid")
-METRICS = ("cosine", "euclidean")
+METRICS = ("cosine", "euclidean", "dot")
+"""``dot`` ranks by negative dot product of the features as given (upstream test scoring, B12)."""
 # Reported in every result, whatever extra ranks are requested: the upstream tables need them.
 DEFAULT_RANKS = (1, 5, 10)
 
@@ -276,6 +277,14 @@ def _distance_to_gallery(gallery_features, metric: str) -> Callable[[torch.Tenso
             return 1 - F.normalize(query, dim=1) @ normalised_gallery.T
 
         return cosine
+
+    if metric == "dot":
+
+        def negative_dot(query_features) -> torch.Tensor:
+            query, same_gallery = match_dtype(_as_float_matrix(query_features, "query_features"))
+            return -(query @ same_gallery.T)
+
+        return negative_dot
 
     # Centering on the gallery mean leaves distances unchanged but shrinks the norms in the
     # |q|^2 + |g|^2 - 2 q.g expansion, which reduces cancellation error.

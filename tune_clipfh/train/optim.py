@@ -27,10 +27,15 @@ class ParamGroup:
     weight_decay: float
 
 
-def build_optimizer(kind: str, groups: Iterable[ParamGroup]) -> torch.optim.Optimizer:
-    """One optimizer over named groups; groups without trainable parameters are dropped."""
+def build_optimizer(kind: str, groups: Iterable[ParamGroup],
+                    only_trainable: bool = True) -> torch.optim.Optimizer:
+    """One optimizer over named groups; groups without parameters are dropped.
+
+    ``only_trainable=False`` keeps frozen parameters too (upstream built one optimizer over
+    every parameter before freezing; frozen ones simply never get a gradient).
+    """
     torch_groups = [
-        {"params": [p for p in g.params if p.requires_grad], "lr": g.lr,
+        {"params": [p for p in g.params if p.requires_grad or not only_trainable], "lr": g.lr,
          "weight_decay": g.weight_decay, "name": g.name}
         for g in groups
     ]

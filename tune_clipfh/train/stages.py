@@ -42,6 +42,7 @@ from ..losses import (
 )
 from ..model import (
     ClipBackbone,
+    LinearHead,
     PromptLearner,
     ReIDHead,
     configure_text_trainable,
@@ -49,6 +50,7 @@ from ..model import (
     create_backbone,
 )
 from .optim import ParamGroup, ScheduleSpec, StageSchedule, build_optimizer, group_learning_rates
+from .upstream_schedules import UpstreamSchedules
 
 STATUSES = ("completed", "early_stopped", "diverged")
 
@@ -135,7 +137,14 @@ class Trainer:
                              arcface_scale=config.arcface_scale,
                              arcface_margin=config.arcface_margin)
         self.center = CenterLoss(identity_count, self.backbone.embed_dim)
-        for module in (self.backbone, self.prompts, self.head, self.center):
+        # Upstream v3+ took the ID loss from a linear classifier while ArcFace only logged (B4).
+        self.loss_head = LinearHead(self.backbone.embed_dim, identity_count) \
+            if config.id_loss_head == "linear" and config.id_head == "arcface" else None
+        self.shared_optimizer: torch.optim.Optimizer | None = None
+        self.upstream_schedules: UpstreamSchedules | None = None
+        for module in (self.backbone, self.prompts, self.head, self.center, self.loss_head):
+            if module is None:
+                continue
             module.to(self.device)
         if self.device.type == "cuda" and config.model == "rn50":
             self.backbone.to(memory_format=torch.channels_last)
@@ -231,32 +240,32 @@ class Trainer:
         if stage == "prompt":
             self._cache_prompt_features()
             self.prompts.requires_grad_(True)
-            groups = [ParamGroup("prompt", list(self.prompts.parameters()),
-                                 cfg.group_lr("prompt"), cfg.group_weight_decay("prompt"))]
-            groups += self._text_group()
-            self.optimizer = build_optimizer(cfg.prompt_optimizer, groups)
-            spec = ScheduleSpec(kind="cosine", eta_min=cfg.eta_min,
-                                warmup_epochs=cfg.prompt_warmup_epochs,
-                                warmup_start_factor=cfg.warmup_start_factor)
-            self.schedule = StageSchedule(self.optimizer, spec, cfg.epochs_prompt,
-                                          self._batches_per_epoch)
+            self.prompts.pool = cfg.text_pool_prompt
             self.center_optimizer = None
+            if not cfg.shared_optimizer_across_stages:
+                groups = [self._group("prompt", self.prompts.parameters()), *self._text_group()]
+                self.optimizer = build_optimizer(cfg.prompt_optimizer, groups)
+                spec = ScheduleSpec(kind="cosine", eta_min=cfg.eta_min,
+                                    warmup_epochs=cfg.prompt_warmup_epochs,
+                                    warmup_start_factor=cfg.warmup_start_factor)
+                self.schedule = StageSchedule(self.optimizer, spec, cfg.epochs_prompt,
+                                              self._batches_per_epoch)
         else:
             configure_visual_trainable(self.backbone, cfg.unfreeze_blocks, cfg.unfreeze_mode)
             self.prompts.requires_grad_(not cfg.freeze_prompt)
+            self.prompts.pool = cfg.text_pool_image
             self._sampler = self._make_sampler()
             self._batches_per_epoch = len(self._sampler)
+            self.center_optimizer = (torch.optim.SGD(self.center.parameters(), lr=cfg.center_lr)
+                                     if cfg.loss_use_center else None)
+            self._identity_text = self._identity_text_features()
+        if cfg.shared_optimizer_across_stages:
+            self._use_shared_optimizer(stage)
+        elif stage == "image":
             visual = [p for p in self.backbone.clip.visual.parameters() if p.requires_grad]
-            groups = [
-                ParamGroup("visual", visual, cfg.group_lr("visual"),
-                           cfg.group_weight_decay("visual")),
-                ParamGroup("head", list(self.head.parameters()), cfg.group_lr("head"),
-                           cfg.group_weight_decay("head")),
-                *self._text_group(),
-            ]
+            groups = [self._group("visual", visual), *self._head_group(), *self._text_group()]
             if not cfg.freeze_prompt:
-                groups.append(ParamGroup("prompt", list(self.prompts.parameters()),
-                                         cfg.group_lr("prompt"), cfg.group_weight_decay("prompt")))
+                groups.append(self._group("prompt", self.prompts.parameters()))
             self.optimizer = build_optimizer(cfg.optimizer, groups)
             spec = ScheduleSpec(
                 kind=cfg.scheduler, per_batch=cfg.scheduler_step == "batch", eta_min=cfg.eta_min,
@@ -268,21 +277,52 @@ class Trainer:
                 spec.per_batch = True  # OneCycle is defined over optimizer steps
             self.schedule = StageSchedule(self.optimizer, spec, cfg.epochs_image,
                                           self._batches_per_epoch)
-            self.center_optimizer = (torch.optim.SGD(self.center.parameters(), lr=cfg.center_lr)
-                                     if cfg.loss_use_center else None)
-            self._identity_text = self._identity_text_features()
         if self._pending_optim_state is not None and self._pending_optim_state["stage"] == stage:
             self._load_optim_state(self._pending_optim_state)
         self._pending_optim_state = None
         self._stage_setup = stage
 
+    def _group(self, name: str, params) -> ParamGroup:
+        return ParamGroup(name, list(params), self.config.group_lr(name),
+                          self.config.group_weight_decay(name))
+
+    def _head_group(self) -> list[ParamGroup]:
+        if not self.config.heads_trainable:  # upstream left the heads out of the optimizer (B5)
+            return []
+        heads = list(self.head.parameters())
+        if self.loss_head is not None:
+            heads += list(self.loss_head.parameters())
+        return [self._group("head", heads)]
+
     def _text_group(self) -> list[ParamGroup]:
         if self.config.freeze_text_encoder:
             return []
-        text = [p for n, p in self.backbone.clip.named_parameters() if not n.startswith("visual.")
+        return [self._group("text", self._text_parameters())]
+
+    def _text_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.backbone.clip.named_parameters() if not n.startswith("visual.")
                 and n != "logit_scale"]
-        return [ParamGroup("text", text, self.config.group_lr("text"),
-                           self.config.group_weight_decay("text"))]
+
+    def _use_shared_optimizer(self, stage: str) -> None:
+        """One optimizer for both stages, built once over every group (B8e), with either a
+        fresh per-stage schedule or upstream's scheduler call pattern (B8)."""
+        cfg = self.config
+        if self.shared_optimizer is None:
+            groups = [self._group("prompt", self.prompts.parameters()),
+                      self._group("visual", self.backbone.clip.visual.parameters()),
+                      self._group("text", self._text_parameters()), *self._head_group()]
+            self.shared_optimizer = build_optimizer(cfg.optimizer, groups, only_trainable=False)
+            if cfg.schedule_mode != "per_stage":
+                self.upstream_schedules = UpstreamSchedules(
+                    cfg.schedule_mode, self.shared_optimizer, cfg.epochs_prompt,
+                    cfg.epochs_image, self._batches_per_epoch, cfg.eta_min)
+        self.optimizer = self.shared_optimizer
+        if self.upstream_schedules is not None:
+            self.schedule = self.upstream_schedules.for_stage(stage)
+            return
+        epochs = cfg.epochs_prompt if stage == "prompt" else cfg.epochs_image
+        spec = ScheduleSpec(kind="cosine", eta_min=cfg.eta_min)
+        self.schedule = StageSchedule(self.optimizer, spec, epochs, self._batches_per_epoch)
 
     def _make_sampler(self):
         """Batches over the training images: P x K identities (B7) or plain random batches."""
@@ -297,7 +337,8 @@ class Trainer:
     def _cache_prompt_features(self) -> None:
         """Frozen image features, computed once for every prompt epoch."""
         self.backbone.eval()
-        self._prompt_features = self.extract(self.data.train_rows, feature="raw")
+        self._prompt_features = self.extract(self.data.train_rows, feature="raw",
+                                             normalized=self.config.train_normalize)
         self._prompt_labels = torch.as_tensor(self.data.train_labels, device=self.device)
         self._sampler = self._make_sampler()
         self._batches_per_epoch = len(self._sampler)
@@ -314,8 +355,11 @@ class Trainer:
             with self._autocast():
                 text = self.prompts(labels)
             text = text.float()
-            loss_i2t = supcon_loss(image, text, labels, labels, self.logit_scale)
-            loss_t2i = supcon_loss(text, image, labels, labels, self.logit_scale)
+            own = cfg.supcon_exclude_own_pair
+            loss_i2t = supcon_loss(image, text, labels, labels, self.logit_scale,
+                                   exclude_own_pair=own)
+            loss_t2i = supcon_loss(text, image, labels, labels, self.logit_scale,
+                                   exclude_own_pair=own)
             loss = cfg.weight_supcon * (loss_i2t + loss_t2i)
             self._check_finite(loss, "prompt", epoch)
             self._step(loss, self.prompts.parameters())
@@ -345,7 +389,8 @@ class Trainer:
                       random_erasing=cfg.aug_random_erasing)
         self._sampler.set_epoch(self.iteration)
         for batch in self._sampler:
-            images = augment(normalize(data.store.batch(data.train_rows[batch])), aug, generator)
+            images = augment(normalize(data.store.batch(data.train_rows[batch]),
+                                       cfg.train_normalize), aug, generator)
             images = self._to_device(images)
             labels = torch.as_tensor(data.train_labels[batch], device=self.device)
             with self._autocast():
@@ -354,6 +399,8 @@ class Trainer:
             features, bn_features = features.float(), bn_features.float()
             terms: dict[str, torch.Tensor] = {}
             if cfg.loss_use_id:
+                if self.loss_head is not None:
+                    logits = self.loss_head(bn_features)
                 terms["loss_id"] = cfg.weight_id * id_loss(logits.float(), labels,
                                                            cfg.label_smoothing)
             if cfg.loss_use_triplet:
@@ -369,7 +416,7 @@ class Trainer:
             loss = sum(terms.values())
             self._check_finite(loss, "image", epoch)
             self._step(loss, [p for g in self.optimizer.param_groups for p in g["params"]],
-                       center=cfg.loss_use_center)
+                       center=cfg.loss_use_center and cfg.update_centers)
             sums.add(len(batch), loss_total=loss, **terms)
             bar.update(1)
         self.schedule.after_epoch()
@@ -435,8 +482,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def extract(self, rows: np.ndarray, feature: str | None = None) -> torch.Tensor:
-        """Features of store rows in eval mode: "raw", "pre_bn" or "post_bn" (normalised)."""
+    def extract(self, rows: np.ndarray, feature: str | None = None,
+                normalized: bool = True) -> torch.Tensor:
+        """L2-normalised features of store rows in eval mode: "raw", "pre_bn" or "post_bn";
+        ``normalized=False`` feeds [0,1] pixels (upstream train/val inputs, B1)."""
         feature = feature or self.config.eval_feature
         was_training = self.backbone.training
         self.backbone.eval()
@@ -444,7 +493,8 @@ class Trainer:
         outputs = []
         batch_size = max(self.config.batch_size, 64)
         for start in range(0, len(rows), batch_size):
-            images = self._to_device(normalize(self.data.store.batch(rows[start:start + batch_size])))
+            batch = self.data.store.batch(rows[start:start + batch_size])
+            images = self._to_device(normalize(batch, normalized))
             with self._autocast():
                 f = self._embed(images, feature)
                 if self.config.eval_flip and feature != "raw":
@@ -461,26 +511,44 @@ class Trainer:
         return f
 
     def validate(self) -> dict[str, float]:
-        data = self.data
-        features = self.extract(data.val_rows).cpu()
-        split = data.val_split
+        """Selection metrics: held-out training identities, or test split 1 (B11 switch)."""
+        data, cfg = self.data, self.config
+        if cfg.select_on == "test_split0":
+            rows, ids, split = data.test_rows, data.test_ids, data.test_splits[0]
+        else:
+            rows, ids, split = data.val_rows, data.val_ids, data.val_split
+        features = self.extract(rows, normalized=cfg.train_normalize).cpu()
         result = rank_metrics_from_features(
-            features[split.query], features[split.gallery], data.val_ids[split.query],
-            data.val_ids[split.gallery], metric=self.config.eval_metric, ap=self.config.eval_ap)
+            features[split.query], features[split.gallery], ids[split.query],
+            ids[split.gallery], metric=cfg.eval_metric, ap=cfg.eval_ap)
         return {k: float(result[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
 
     def test(self) -> dict[str, Any]:
         """The 10-split test: features of every test image extracted once, ranked per split."""
-        data = self.data
+        data, cfg = self.data, self.config
         features = self.extract(data.test_rows).cpu()
+        metric = cfg.eval_metric
+        if cfg.eval_fusion == "sos_text":
+            features, metric = self._fuse_sos_text(features), "dot"
         splits = [(s.query, s.gallery) for s in data.test_splits]
-        return evaluate_splits(features, data.test_ids, splits, metric=self.config.eval_metric,
-                               ap=self.config.eval_ap)
+        return evaluate_splits(features, data.test_ids, splits, metric=metric, ap=cfg.eval_ap)
+
+    @torch.no_grad()
+    def _fuse_sos_text(self, features: torch.Tensor) -> torch.Tensor:
+        """Upstream's test features (B12): (image + SOS text feature) / 2, not re-normalised.
+        The SOS output of the causal text transformer is the same for every identity."""
+        pool = self.prompts.pool
+        self.prompts.pool = "sos"
+        text = self.prompts(torch.zeros(1, dtype=torch.long, device=self.device)).float().cpu()
+        self.prompts.pool = pool
+        return (features + F.normalize(text, dim=1)) / 2
 
     # ------------------------------------------------------------------ state
     def model_state(self, copy_tensors: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         state = {"backbone": self.backbone.state_dict(), "prompts": self.prompts.state_dict(),
                  "head": self.head.state_dict(), "center": self.center.state_dict()}
+        if self.loss_head is not None:
+            state["loss_head"] = self.loss_head.state_dict()
         if copy_tensors:  # a real snapshot, not views of the live weights (B9)
             state = {k: {n: t.detach().clone() for n, t in v.items()} for k, v in state.items()}
         return state
@@ -490,6 +558,8 @@ class Trainer:
         self.prompts.load_state_dict(state["prompts"])
         self.head.load_state_dict(state["head"])
         self.center.load_state_dict(state["center"])
+        if self.loss_head is not None:
+            self.loss_head.load_state_dict(state["loss_head"])
 
     def restore_best(self) -> None:
         if self.best["state"] is not None:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, build_config
+from ..config import AS_RUN_SWITCHES, ConfigError, build_config
 from ..data.prepared import load_prepared, resolve_data_dir
 from ..errors import UserError
 from ..model import image_size_for
 from .space import SearchSpace, load_space
-from .trainable import clipfh_trainable
-from .versions import load_versions
+from .trainable import META_KEYS, clipfh_trainable
+from .versions import VERSIONS_AS_RUN_FILE, load_versions
 
 OBJECTIVES = {"rank1": ["best_val_rank1"], "mAP": ["best_val_mAP"],
               "both": ["best_val_rank1", "best_val_mAP"]}
@@ -125,11 +125,16 @@ def _restore(path: Path, trainable):
 
 
 def fixed_trials(backbones: list[str], versions: list[str] | None, profile: str,
-                 overrides: dict[str, Any]) -> list[dict[str, Any]]:
-    """Resolved knobs of each chosen version, with its name and backbone, ready for a trial."""
+                 overrides: dict[str, Any], as_run: bool = False) -> list[dict[str, Any]]:
+    """Resolved knobs of each chosen version, with its name and backbone, ready for a trial.
+
+    ``as_run`` takes the versions as they ran upstream (versions_as_run.yaml) instead of as
+    stated, trained correctly (versions.yaml).
+    """
     trials = []
+    path = VERSIONS_AS_RUN_FILE if as_run else None
     for backbone in backbones:
-        resolved = load_versions(profile=profile).get(backbone)
+        resolved = load_versions(path, profile=profile).get(backbone)
         if resolved is None:
             raise ConfigError(f"--backbones: {backbone!r} is not valid (valid: vitb16, rn50)")
         chosen = versions or list(resolved)
@@ -141,18 +146,52 @@ def fixed_trials(backbones: list[str], versions: list[str] | None, profile: str,
             knobs = {**item.knobs, **overrides, "experiment": f"{backbone}-{version}"}
             build_config(knobs, f"{backbone} {version}")  # fail before Ray starts
             trials.append({"version": version, "backbone": backbone, "kind": "fixed",
+                           "behaviour": "as_run" if as_run else "correct",
                            "thesis_run": item.thesis_run, **knobs})
     return trials
 
 
+def ablation_trials(backbone: str, version: str, profile: str,
+                    overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The as-run configuration, the correct one, and the as-run one with each upstream
+    behaviour switched back to the correct value, one at a time (switches that the as-run
+    version does not change are left out)."""
+    correct = fixed_trials([backbone], [version], profile, overrides)[0]
+    as_run = fixed_trials([backbone], [version], profile, overrides, as_run=True)[0]
+    trials = [{**correct, "ablation": "correct"}, {**as_run, "ablation": "as_run"}]
+    for bug, knobs in AS_RUN_SWITCHES.items():
+        if all(as_run[k] == correct[k] for k in knobs):
+            continue
+        fixed = {**as_run, **{k: correct[k] for k in knobs}, "ablation": f"as_run-{bug}",
+                 "behaviour": "as_run"}
+        build_config({k: v for k, v in fixed.items() if k not in META_KEYS},
+                     f"ablation {bug}")
+        trials.append(fixed)
+    return trials
+
+
 def reproduce(backbones: list[str], versions: list[str] | None,
-              options: ExperimentOptions) -> Path:
+              options: ExperimentOptions, as_run: bool = False) -> Path:
     """One Tune experiment whose trials are the chosen versions x seeds."""
+    trials = fixed_trials(backbones, versions, options.profile, options.overrides, as_run)
+    return run_fixed_trials(trials, options, "reproduce-as-run" if as_run else "reproduce",
+                            {"backbones": backbones, "versions": versions, "as_run": as_run})
+
+
+def ablate(backbone: str, version: str, options: ExperimentOptions) -> Path:
+    """Each upstream bug's effect on one version: correct, as-run, as-run minus each bug."""
+    trials = ablation_trials(backbone, version, options.profile, options.overrides)
+    return run_fixed_trials(trials, options, f"ablation-{backbone}-{version}",
+                            {"backbones": [backbone], "versions": [version], "ablation": True})
+
+
+def run_fixed_trials(trials: list[dict[str, Any]], options: ExperimentOptions, prefix: str,
+                     meta: dict[str, Any]) -> Path:
+    """One Tune experiment over fixed trials x seeds; each trial runs its own early stopping."""
     from ray import tune
 
-    storage, name = _storage_and_name(options, "reproduce")
+    storage, name = _storage_and_name(options, prefix)
     path = Path(storage) / name
-    trials = fixed_trials(backbones, versions, options.profile, options.overrides)
     shared = _prepare_shared_data(trials, options)
     trainable = tune.with_resources(
         tune.with_parameters(clipfh_trainable, base_knobs={}, **shared),
@@ -167,8 +206,8 @@ def reproduce(backbones: list[str], versions: list[str] | None,
                          "seed": tune.grid_search(list(range(options.seeds)))},
             tune_config=_tune_config(max_concurrent_trials=options.max_concurrent),
             run_config=_run_config(options, storage, name))
-    _write_meta(path, {"kind": "reproduce", "profile": options.profile, "backbones": backbones,
-                       "versions": versions, "seeds": options.seeds})
+    _write_meta(path, {"kind": "reproduce", "profile": options.profile,
+                       "seeds": options.seeds, **meta})
     tuner.fit()
     return path
 
@@ -235,8 +274,11 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
     if from_experiment and not options.resume:
         evaluated = seed_study_with_results(study_url, name, space, Path(from_experiment),
                                             metrics, backbone)
+    # On --resume the study already holds the points (queued or run): OptunaSearch enqueues
+    # points_to_evaluate into the shared storage when built, so passing them again would run
+    # them a second time.
     points = [p for p in version_points(space, backbone, options.profile)
-              if p not in evaluated] if warm_start else []
+              if p not in evaluated] if warm_start and not options.resume else []
     optuna_sampler = make_sampler(sampler, int(options.overrides.get("seed", 0)))
     searcher = FinalRowOptunaSearch.create(
         space=space.sample, metric=metrics if len(metrics) > 1 else metrics[0],

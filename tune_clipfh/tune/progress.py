@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from ray import tune
 
 
 def trial_label(config: dict) -> str:
+    """vitb16-v5-s0, vitb16-v5-as_run-s0, vitb16-v5-as_run-B6 update_centers-s0, or search."""
     fixed = config.get("fixed") or {}
-    if fixed:
-        return f"{fixed.get('backbone')}-{fixed.get('version')}-s{config.get('seed', 0)}"
-    return "search"
+    if not fixed:
+        return "search"
+    variant = fixed.get("ablation") or ("as_run" if fixed.get("behaviour") == "as_run" else "")
+    parts = [fixed.get("backbone"), fixed.get("version"), variant, f"s{config.get('seed', 0)}"]
+    return "-".join(str(p) for p in parts if p)
 
 
 def trial_folder_name(trial) -> str:
-    return f"{trial_label(trial.config)}-{trial.trial_id}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", trial_label(trial.config))
+    return f"{safe}-{trial.trial_id}"
 
 
 class TrialProgress(tune.Callback):
     """Prints what each trial reports, so long experiments show where they are."""
 
     def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
+        # sys.stderr is looked up when printing, not kept: Tune pickles its callbacks with the
+        # experiment state, and a replaced stderr (pytest's capture, a notebook's stream)
+        # cannot be pickled.
+        self.stream = stream
 
     def _print(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        print(text, file=self.stream or sys.stderr, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("final"):

@@ -19,6 +19,9 @@ SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 DEFAULT_SPACE = SEARCH_SPACES_DIR / "beyond_v10.yaml"
 PARAM_TYPES = ("float", "int", "categorical")
 SECTIONS = ("base", "parameters", "profiles", "backbones")
+# A per-group rate or decay left unset (None) falls back to the shared knob (RunConfig.group_lr).
+GROUP_FALLBACKS = {f"{shared}_{group}": shared for shared in ("lr", "weight_decay")
+                   for group in ("visual", "prompt", "text", "head")}
 
 
 @dataclass
@@ -82,6 +85,8 @@ class SearchSpace:
             if not all(point.get(name) in allowed for name, allowed in param.when.items()):
                 continue
             value = knobs.get(param.name)
+            if value is None and param.name in GROUP_FALLBACKS:
+                value = knobs.get(GROUP_FALLBACKS[param.name])  # the effective group value
             if param.type == "int" and isinstance(value, float) and value.is_integer():
                 value = int(value)
             if not param.contains(value):

@@ -26,7 +26,7 @@ from ..train.run import load_torch, save_torch
 from ..train.stages import EpochRecord, Trainer
 
 STATE_FILE = "state.pt"
-META_KEYS = ("version", "backbone", "kind", "thesis_run")
+META_KEYS = ("version", "backbone", "kind", "thesis_run", "behaviour", "ablation")
 """Trial-config keys that describe the trial rather than configure training."""
 
 

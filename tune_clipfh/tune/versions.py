@@ -30,7 +30,8 @@ from ..config import (
 )
 
 VERSIONS_FILE = Path(__file__).resolve().parents[2] / "search_spaces" / "versions.yaml"
-SECTIONS = ("common", "profiles", "backbones")
+VERSIONS_AS_RUN_FILE = VERSIONS_FILE.with_name("versions_as_run.yaml")
+SECTIONS = ("extends", "common", "profiles", "backbones")
 ENTRY_KEYS = ("inherits", "thesis_run", "note", "set")
 RESERVED_KNOBS = {"model": "the backbone section names the model",
                   "experiment": "each version runs as <backbone>-<version>"}
@@ -70,7 +71,10 @@ def load_versions(path: str | Path | None = None,
                           f" (valid: {', '.join(map(str, profiles)) or 'none defined'})")
     overlay = _knobs(profiles[profile], f"{path} [profile {profile}]")
     backbones = _mapping(data.get("backbones"), f"{path} [backbones]")
-    return {str(backbone): _resolve_backbone(path, str(backbone), versions, common, overlay)
+    # `extends: other.yaml`: each version starts from the same version of that file, resolved.
+    base = load_versions(path.parent / data["extends"], profile) if data.get("extends") else {}
+    return {str(backbone): _resolve_backbone(path, str(backbone), versions, common, overlay,
+                                             base.get(str(backbone)))
             for backbone, versions in backbones.items()}
 
 
@@ -159,7 +163,9 @@ def _entry(entry: Any, where: str) -> dict[str, Any]:
 
 
 def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str, Any],
-                      overlay: dict[str, Any]) -> dict[str, ResolvedVersion]:
+                      overlay: dict[str, Any],
+                      base: dict[str, ResolvedVersion] | None = None
+                      ) -> dict[str, ResolvedVersion]:
     where = f"{path} [{backbone}]"
     if backbone not in BACKBONE_BLOCKS:
         raise ConfigError(f"{where}: unknown backbone{suggest(backbone, BACKBONE_BLOCKS)} "
@@ -169,8 +175,14 @@ def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str
     resolved: dict[str, ResolvedVersion] = {}
     previous: dict[str, Any] | None = None
     for version, entry in entries.items():
-        values = {"model": backbone, "experiment": f"{backbone}-{version}", **common}
-        stated = set(common) | set(overlay)
+        start = {}
+        if base is not None:
+            if version not in base:
+                raise ConfigError(f"{path} [{backbone} {version}]: not defined in the extended "
+                                  f"file (defined: {', '.join(base)})")
+            start = base[version].knobs
+        values = {**start, "model": backbone, "experiment": f"{backbone}-{version}", **common}
+        stated = set(common) | set(overlay) | set(base[version].stated if base else ())
         for ancestor in _lineage(path, backbone, entries, version):
             values.update(entries[ancestor]["set"])
             stated |= set(entries[ancestor]["set"])
