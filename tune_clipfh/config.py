@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,7 @@ BACKBONE_BLOCKS = {"vitb16": 12, "rn50": 4}
 
 UPSTREAM_IDENTITY_PLACEHOLDER = "{}"
 CTX_PLACEHOLDER = "{ctx}"
+FAULT_PATTERN = re.compile(r"(nan|raise)@(prompt|image):([1-9][0-9]*)")
 
 IGNORED_UPSTREAM_KEYS = {
     "loss_list": "upstream built only SupCon from it; each loss is gated by its loss_use_* flag",
@@ -258,6 +260,10 @@ class RunConfig:
     checkpoint_min_interval_s: float = knob(
         10.0, "Tune trials: at least this many seconds between checkpoints (sub-second tiny "
         "epochs would otherwise snapshot the experiment constantly)", low=0, high=1e6)
+
+    fault_injection: str | None = knob(
+        None, "testing fault tolerance: 'nan@STAGE:EPOCH' makes that epoch's loss NaN, "
+        "'raise@STAGE:EPOCH' raises there once (not after a restore); STAGE prompt|image")
 
     # --- upstream "as-run" behaviour switches: each defaults to the correct behaviour and
     # reproduces one upstream bug when changed (upstream_stage2_spec.md section 6) ---
@@ -545,6 +551,9 @@ def _check_consistency(c: RunConfig, source: str, given: dict[str, Any]) -> None
     if c.schedule_mode != "per_stage" and not c.shared_optimizer_across_stages:
         fail("schedule_mode", f"{c.schedule_mode} replays upstream schedulers on one shared "
              f"optimizer: set shared_optimizer_across_stages: true (or schedule_mode: per_stage)")
+    if c.fault_injection is not None and not FAULT_PATTERN.fullmatch(c.fault_injection):
+        fail("fault_injection", f"{c.fault_injection!r} is not valid (valid: nan@STAGE:EPOCH "
+             f"or raise@STAGE:EPOCH, STAGE prompt or image, e.g. nan@image:2)")
     if c.scheduler == "step" and sorted(c.step_milestones) != c.step_milestones:
         fail("step_milestones", f"{c.step_milestones} must be increasing")
 

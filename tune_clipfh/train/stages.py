@@ -76,6 +76,10 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+class InjectedFault(RuntimeError):
+    """Raised by ``fault_injection: raise@STAGE:EPOCH`` (fault-tolerance tests)."""
+
+
 class Diverged(Exception):
     """A non-finite loss: the run stops at once with status ``diverged``."""
 
@@ -163,6 +167,11 @@ class Trainer:
         self.initial_val: dict[str, float] | None = None
         self._stage_setup: str | None = None
         self._pending_optim_state: dict[str, Any] | None = None
+        self.fault = None
+        if config.fault_injection:
+            kind, place = config.fault_injection.split("@")
+            stage, epoch = place.split(":")
+            self.fault = (kind, stage, int(epoch))
 
     # ------------------------------------------------------------------ orchestration
     def run(self, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
@@ -217,6 +226,8 @@ class Trainer:
                 epoch = self.epoch_done + 1
                 started = time.perf_counter()
                 seed_everything(self.config.seed * 100_003 + self.iteration)
+                if self.fault == ("raise", stage, epoch):
+                    raise InjectedFault(f"injected fault at {stage} epoch {epoch}")
                 metrics = epoch_fn(epoch, bar)
                 metrics["epoch_time_s"] = time.perf_counter() - started
                 self.epoch_done = epoch
@@ -462,6 +473,8 @@ class Trainer:
         return images
 
     def _check_finite(self, loss: torch.Tensor, stage: str, epoch: int) -> None:
+        if self.fault == ("nan", stage, epoch):
+            loss = loss * float("nan")
         if not torch.isfinite(loss):
             raise Diverged({"stage": stage, "epoch": epoch, "iteration": self.iteration + 1,
                             "loss": float(loss.detach())})

@@ -76,6 +76,8 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(load_torch(Path(folder) / STATE_FILE))
+        if trainer.fault is not None and trainer.fault[0] == "raise":
+            trainer.fault = None  # an injected crash happens once; the retry must get past it
         print(f"[trial] resumed at {trainer.stage} stage, epoch {trainer.epoch_done}",
               flush=True)
 
