@@ -137,41 +137,48 @@ def _experiment_options(args: argparse.Namespace):
         overrides=parse_overrides(args.set))
 
 
+def _finish_experiment(path: Path, started: float, verb: str) -> int:
+    """Summarise an experiment; an interrupted one says how to resume it and exits 130."""
+    from .tune.results import load_results, summarize_experiment
+
+    print(summarize_experiment(path))
+    print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
+    frame = load_results(path)
+    unfinished = int((frame["status"] == "unfinished").sum()) if not frame.empty else 0
+    if unfinished:
+        print(f"{unfinished} trials unfinished: continue with `tune-clipfh {verb} --resume "
+              f"--name {path.name} --storage {path.parent}` (same other options)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .tune.experiment import reproduce
-    from .tune.results import summarize_experiment
 
     started = time.perf_counter()
     path = reproduce(_split(args.backbones), _split(args.versions) or None,
                      _experiment_options(args), as_run=args.as_run)
-    print(summarize_experiment(path))
-    print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
-    return 0
+    return _finish_experiment(path, started, "reproduce")
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .tune.experiment import ablate
-    from .tune.results import summarize_experiment
 
     started = time.perf_counter()
     path = ablate(args.backbone, args.version, _experiment_options(args))
-    print(summarize_experiment(path))
-    print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
-    return 0
+    return _finish_experiment(path, started, "ablate")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .tune.experiment import search
-    from .tune.results import summarize_experiment
 
     started = time.perf_counter()
     path = search(args.space, args.num_samples, args.objective, args.backbone,
                   args.from_experiment, _experiment_options(args),
                   asha_grace=args.asha_grace, asha_reduction=args.asha_reduction,
                   sampler=args.sampler)
-    print(summarize_experiment(path))
-    print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
-    return 0
+    return _finish_experiment(path, started, "search")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -212,10 +219,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options.name = f"search-{stamp}"
     searched = search(None, args.num_samples, "rank1", "vitb16", str(reproduced), options)
     print(summarize_experiment(searched))
+    from .report import build_report
+
+    report = build_report([reproduced, searched], out / f"report-{stamp}")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; results:\n"
           f"  training run:  {out / f'train-{stamp}'}\n"
           f"  reproduce:     {reproduced}\n  search:        {searched}\n"
-          f"  optuna study:  sqlite:///{searched / 'optuna.db'}")
+          f"  optuna study:  sqlite:///{searched / 'optuna.db'}\n"
+          f"  report:        {report}")
     return 0
 
 

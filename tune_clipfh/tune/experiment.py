@@ -207,7 +207,7 @@ def run_fixed_trials(trials: list[dict[str, Any]], options: ExperimentOptions, p
             tune_config=_tune_config(max_concurrent_trials=options.max_concurrent),
             run_config=_run_config(options, storage, name))
     _write_meta(path, {"kind": "reproduce", "profile": options.profile,
-                       "seeds": options.seeds, **meta})
+                       "seeds": options.seeds, "data_dir": shared["data_dir"], **meta})
     tuner.fit()
     return path
 
@@ -301,6 +301,7 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
                                         max_concurrent_trials=options.max_concurrent or 2),
             run_config=_run_config(options, storage, name))
     _write_meta(path, {"kind": "search", "profile": options.profile, "backbone": backbone,
+                       "data_dir": shared["data_dir"],
                        "objective": objective, "metrics": metrics, "num_samples": num_samples,
                        "space": space.source, "optuna_storage": study_url,
                        "study_name": name})

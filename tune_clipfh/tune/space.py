@@ -95,7 +95,8 @@ class SearchSpace:
         return point
 
 
-def _parse_parameter(name: str, spec: Any, source: str, earlier: set[str]) -> Parameter:
+def _parse_parameter(name: str, spec: Any, source: str,
+                     earlier: dict[str, Parameter]) -> Parameter:
     where = f"{source}: parameter '{name}'"
     if name not in FIELDS:
         raise ConfigError(f"{where}: not a configuration key{suggest(name, FIELDS)}")
@@ -114,6 +115,10 @@ def _parse_parameter(name: str, spec: Any, source: str, earlier: set[str]) -> Pa
             raise ConfigError(f"{where}: condition names '{cond_name}', which is not an earlier "
                               f"parameter of this space{suggest(cond_name, earlier)}")
         when[cond_name] = allowed if isinstance(allowed, list) else [allowed]
+        never = [v for v in when[cond_name] if not earlier[cond_name].contains(v)]
+        if never:  # a typo would silently never sample this parameter
+            raise ConfigError(f"{where}: condition {cond_name}: {never[0]!r} is a value "
+                              f"'{cond_name}' never takes in this space")
     param = Parameter(name=name, type=kind, low=spec.get("low"), high=spec.get("high"),
                       log=bool(spec.get("log", False)), step=spec.get("step"),
                       choices=list(spec.get("choices") or []), when=when)
@@ -146,7 +151,8 @@ def load_space(path: str | Path | None = None, profile: str = "full",
                               f"{', '.join(SECTIONS)}){suggest(str(key), SECTIONS)}")
     base = dict(data.get("base") or {})
     specs: dict[str, Any] = dict(data.get("parameters") or {})
-    for section, key in (("profiles", profile), ("backbones", backbone)):
+    # Backbone first, then profile: a profile's ranges (tiny: train from scratch) win.
+    for section, key in (("backbones", backbone), ("profiles", profile)):
         overlay = (data.get(section) or {}).get(key) or {}
         base.update(overlay.get("base") or {})
         for name, spec in (overlay.get("parameters") or {}).items():
@@ -161,5 +167,6 @@ def load_space(path: str | Path | None = None, profile: str = "full",
         raise ConfigError(f"{source}: 'parameters' is empty: nothing to search")
     parameters: list[Parameter] = []
     for name, spec in specs.items():
-        parameters.append(_parse_parameter(name, spec, source, {p.name for p in parameters}))
+        parameters.append(_parse_parameter(name, spec, source,
+                                            {p.name: p for p in parameters}))
     return SearchSpace(source=source, base=base, parameters=parameters)

@@ -1,0 +1,161 @@
+"""Shared test set-up: offline, no Ray auth token, one synthetic-data cache and one Ray session.
+
+* ``HF_HUB_OFFLINE`` and ``RAY_AUTH_MODE`` are set at import, before anything imports open_clip
+  or starts Ray.
+* ``TUNE_CLIPFH_CACHE`` points at one temporary folder for the whole test session, so the
+  synthetic dataset and its decoded image stores are built once per session (and never in the
+  user's own cache).
+* ``ray_session``: one local Ray instance (2 CPUs) shared by every test that runs trials in this
+  process; tests that need a cluster or a driver of their own run it in a subprocess
+  (``run_driver`` / ``kill_process_group`` below).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """One cache folder (synthetic dataset + image stores) for the whole session."""
+    previous = os.environ.get("TUNE_CLIPFH_CACHE")
+    cache = tmp_path_factory.mktemp("tune-clipfh-cache")
+    os.environ["TUNE_CLIPFH_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("TUNE_CLIPFH_CACHE", None)
+    else:
+        os.environ["TUNE_CLIPFH_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def ray_session(session_cache):
+    """One local Ray instance for the test run (``init_ray`` is a no-op once Ray is up).
+
+    Started after ``TUNE_CLIPFH_CACHE`` is set: Ray's workers inherit the environment of the
+    moment Ray starts.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a driver of its own: never attached to the shared Ray session."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """Every live descendant of ``pid`` with its start time (to never signal a reused PID)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            started = _start_time(child)
+            if started is not None:
+                found.append((child, started))
+            todo.append(child)
+    return found
+
+
+class Drivers:
+    """Driver processes of their own (a CLI run, a cluster script), each in a new session.
+
+    ``kill`` stops one and everything it started (Ray's gcs, raylet and workers inherit the
+    driver's process group): SIGTERM to the group, then SIGKILL to the group and to every
+    descendant recorded before. Never ``ray stop``: that would end the shared session too.
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log: Path, cwd: Path | None = None,
+              **env: str) -> subprocess.Popen:
+        with open(log, "ab") as handle:
+            proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT,
+                                    cwd=str(cwd or REPO), env=subprocess_env(**env),
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
+        pids = _descendants(proc.pid)
+        pgid = proc.pid  # start_new_session: the group id is the driver's pid
+        if proc.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(pgid, signal.SIGKILL)
+        for pid, started in pids:
+            if _start_time(pid) != started:
+                continue  # gone (or the PID now names another process)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            self.kill(proc)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture
+def drivers():
+    """Start drivers of their own; whatever a test left running is killed at teardown."""
+    started = Drivers()
+    try:
+        yield started
+    finally:
+        started.kill_all()
+

@@ -1,0 +1,339 @@
+"""The report layer: tables, figures and the page, built from a real tiny experiment.
+
+One module fixture runs a real (tiny) reproduce experiment (vitb16 v1 and v4) and a 3-trial
+search warm-started from it, and builds the report once; the figure tests rebuild single
+figures from the same dataframes. The browser test renders ``report.html`` in headless
+Chromium and keeps a screenshot under ``tests/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from tune_clipfh.evaluation import UPSTREAM_COLUMNS
+from tune_clipfh.report import REFERENCE_CSV, build_report, figures, tables
+from tune_clipfh.report.data import (
+    load_experiment,
+    param_importances,
+    protocol_check,
+    trial_notes,
+)
+from tune_clipfh.tune.experiment import ExperimentOptions, reproduce, search
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+QUICK = {"epochs_prompt": 1, "epochs_image": 2}
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--enable-unsafe-swiftshader",
+                  "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures: one real tiny experiment pair and its report
+
+
+@pytest.fixture(scope="module")
+def experiments(ray_session, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("ray-report")
+    options = dict(storage=str(storage), profile="tiny", max_concurrent=2, overrides=QUICK)
+    repro = reproduce(["vitb16"], ["v1", "v4"], ExperimentOptions(name="r", **options))
+    searched = search(None, 3, "rank1", "vitb16", str(repro),
+                      ExperimentOptions(name="s", **options), asha_grace=1, asha_reduction=2)
+    return repro, searched
+
+
+@pytest.fixture(scope="module")
+def loaded(experiments):
+    """The experiments as the report reads them, and the pooled configurations."""
+    read = [load_experiment(path) for path in experiments]
+    trials = pd.concat([e.trials for e in read], ignore_index=True)
+    history = pd.concat([e.history.assign(experiment=e.name) for e in read],
+                        ignore_index=True)
+    return read, trials, history, tables.configurations(trials)
+
+
+@pytest.fixture(scope="module")
+def report(experiments, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return build_report(experiments, out)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return tables.load_reference(REFERENCE_CSV)
+
+
+# ------------------------------------------------------------------------------------------
+# Pareto front
+
+
+def brute_force_front(points):
+    def dominated(p, q):
+        return q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1])
+
+    valid = [i for i, p in enumerate(points) if not any(map(math.isnan, p))]
+    return sorted(i for i in valid if not any(dominated(points[i], points[j]) for j in valid))
+
+
+def test_pareto_front_equals_brute_force_on_random_points_with_ties():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(0, 25)
+        points = [(float(rng.randint(0, 6)), float(rng.randint(0, 6))) for _ in range(n)]
+        if n and rng.random() < 0.3:
+            points[rng.randrange(n)] = (math.nan, 1.0)
+        assert tables.pareto_front(points) == brute_force_front(points), points
+    assert tables.pareto_front([]) == []
+    assert tables.pareto_front([(1, 1), (1, 1), (0, 2)]) == [0, 1, 2]  # equal points both stay
+
+
+def test_pareto_trace_is_the_brute_force_front_of_the_real_experiment(loaded):
+    _, _, _, configs = loaded
+    tested = configs.dropna(subset=["rank1", "mAP"])
+    assert len(tested) >= 4  # 2 versions + at least 2 finished search trials
+    fig = figures.pareto_figure(configs)
+    front = next(t for t in fig.data if t.name.startswith("Pareto front"))
+    points = list(zip(tested["mAP"], tested["rank1"], strict=True))
+    expected = {points[i] for i in brute_force_front(points)}
+    assert set(zip(front.x, front.y, strict=True)) == expected
+    fixed = next(t for t in fig.data if t.name == "fixed versions (vitb16)")
+    assert sorted(fixed.text) == ["v1", "v4"]
+    search_trace = next(t for t in fig.data if t.name == "search trials")
+    assert search_trace.marker.symbol == "diamond"
+    assert all("lr_visual=" in h for h in search_trace.hovertext)  # hover shows the knobs
+    assert not any(tables.THESIS_LABEL in t.name for t in fig.data)  # tiny: not comparable
+    assert fig.layout.title.text and "(%)" in fig.layout.xaxis.title.text
+    assert "(%)" in fig.layout.yaxis.title.text
+
+
+def test_thesis_series_is_drawn_only_when_comparable(loaded, reference):
+    _, _, _, configs = loaded
+    fig = figures.pareto_figure(configs, reference, comparable=True)
+    thesis = [t for t in fig.data if tables.THESIS_LABEL in t.name]
+    assert [t.name for t in thesis] == [f"{tables.THESIS_LABEL} (vitb16)"]  # backbone read
+    raw = pd.read_csv(REFERENCE_CSV)
+    raw = raw[(raw["stage"] == "stage2") & (raw["backbone"] == "vitb16")]
+    assert list(thesis[0].y) == list(raw["mean_R1"]) and list(thesis[0].x) == list(
+        raw["mean_mAP"])
+    hidden = figures.pareto_figure(configs, reference, comparable=False, note="tiny")
+    assert not any(tables.THESIS_LABEL in t.name for t in hidden.data)
+    assert any("not shown" in a.text for a in hidden.layout.annotations)
+
+
+# ------------------------------------------------------------------------------------------
+# Ours against the thesis
+
+
+def pooled_percent(trials: pd.DataFrame, version: str, metric: str) -> float:
+    row = trials[trials["config/version"] == version].iloc[0]
+    values = [row[f"test_split{i}_{metric}"] for i in range(1, 11)]
+    return 100 * sum(values) / len(values)
+
+
+def test_bars_hold_the_dataframe_and_reference_numbers(loaded, reference):
+    _, trials, _, configs = loaded
+    comparison = tables.versus_reference(configs, reference)
+    assert list(comparison["label"]) == ["vitb16 v1", "vitb16 v4"]
+    fig = figures.versus_figure(comparison, comparable=True)
+    bars = {(t.name, t.xaxis): t for t in fig.data}
+    expected_thesis = {("v1", "rank1"): 62.11, ("v4", "rank1"): 74.07,
+                       ("v1", "mAP"): 71.34, ("v4", "mAP"): 81.93}
+    for axis, metric in (("x", "rank1"), ("x2", "mAP")):
+        ours = bars[("ours", axis)]
+        assert list(ours.x) == ["vitb16 v1", "vitb16 v4"]
+        assert list(ours.y) == pytest.approx(
+            [pooled_percent(trials, v, metric) for v in ("v1", "v4")])
+        thesis = bars[(tables.THESIS_LABEL, axis)]
+        assert list(thesis.y) == [expected_thesis[(v, metric)] for v in ("v1", "v4")]
+    ours_only = figures.versus_figure(comparison, comparable=False)
+    assert {t.name for t in ours_only.data} == {"ours"}
+
+
+# ------------------------------------------------------------------------------------------
+# CSV tables and the page
+
+
+def test_report_writes_the_upstream_tables_and_one_offline_page(report, loaded):
+    _, trials, history, _ = loaded
+    out = report.parent
+    evals = pd.read_csv(out / "eval_table.csv")
+    assert list(evals.columns) == ["version", *UPSTREAM_COLUMNS, *tables.RUN_COLUMNS]
+    finished = trials[trials["test_rank1"].notna()]
+    assert len(evals) == len(finished) and set(evals["trial_id"]) == set(finished["trial_id"])
+    v1 = finished[finished["config/version"] == "v1"].iloc[0]
+    row = evals[evals["version"] == "v1"].iloc[0]
+    assert row["final_R1"] == round(100 * v1["test_rank1"], 2)
+    assert row["split3_mAP"] == round(100 * v1["test_split3_mAP"], 2)
+    assert evals["version"].str.match(r"^(v\d+|search-\w+)$").all()
+
+    train = pd.read_csv(out / "train_table.csv")
+    assert list(train.columns) == [*tables.TRAIN_COLUMNS, *tables.RUN_COLUMNS]
+    blocks = (train["trial_id"] != train["trial_id"].shift()).cumsum()
+    assert blocks.nunique() == train["trial_id"].nunique()  # one contiguous group per run
+    for _, run in train.groupby("trial_id"):
+        assert list(run["epoch"]) == list(range(1, len(run) + 1))
+    assert train["loss_t2i"].isna().all() and train["is_best"].isin(["yes", "no"]).all()
+    image = history[history["stage"] == "image"]
+    assert len(train) == len(image)
+    assert train["rank1"].between(0, 100).all()
+
+    page = report.read_text()
+    assert page.count("Plotly.newPlot") == page.count('id="figure-') >= 8
+    assert "<script src=" not in page  # the library is embedded once, nothing fetched
+    assert len(re.findall(r"plotly\.js v\d", page)) == 1
+    for title in ("Rank-1 against mAP", "Learning curves", "Parallel coordinates",
+                  "Parameter importance", "Optimisation history", "CMC curves", "Summary"):
+        assert title in page, title
+    assert "not comparable" in page and "synthetic" in page
+
+
+def fake_11k_manifest(folder: Path, **fields) -> str:
+    """A manifest.json as ``data prepare`` writes it for the real 11k (only the keys read)."""
+    folder.mkdir(parents=True)
+    data = {"dataset": "11k", "aspect": "dorsal_r", "protocol": {"identity_split": "upstream"},
+            "report": {"rows": {"total": 11076}}, **fields}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return str(folder)
+
+
+def test_a_full_profile_real_11k_experiment_is_compared_with_the_thesis(experiments,
+                                                                        tmp_path):
+    repro, _ = experiments
+    copy = tmp_path / "full-run"
+    shutil.copytree(repro, copy)
+    meta = json.loads((copy / "tune_clipfh_experiment.json").read_text())
+    meta.update(profile="full", data_dir=fake_11k_manifest(tmp_path / "data"))
+    (copy / "tune_clipfh_experiment.json").write_text(json.dumps(meta))
+    page = build_report([copy], tmp_path / "out").read_text()
+    assert tables.THESIS_LABEL in page and "Thesis numbers not comparable" not in page
+    versus = pd.read_csv(tmp_path / "out" / "versus_thesis.csv")
+    assert list(versus["thesis_rank1"]) == [62.11, 74.07]
+    assert list(versus["thesis_mAP"]) == [71.34, 81.93]
+
+
+def test_missing_and_partial_experiments_give_a_report_that_says_so(experiments, tmp_path):
+    _, searched = experiments
+    never_started = tmp_path / "never"
+    never_started.mkdir()
+    (never_started / "tune_clipfh_experiment.json").write_text(json.dumps({"kind": "search"}))
+    path = build_report([searched, never_started, tmp_path / "missing"], tmp_path / "out")
+    page = path.read_text()
+    assert "No reproduce experiment read" in page
+    assert "never started a trial" in page and "folder does not exist" in page
+    assert page.count('id="figure-') >= 5
+    empty = build_report([], tmp_path / "empty").read_text()
+    assert "No experiment folder was given" in empty
+
+
+def test_cli_report_verb_prints_the_page_path(experiments, tmp_path, capsys):
+    from tune_clipfh.cli import main
+
+    assert main(["report", *map(str, experiments), "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'cli' / 'report.html'}" in out
+    assert (tmp_path / "cli" / "eval_table.csv").is_file()
+
+
+def test_errored_and_unfinished_trials_are_noted_not_fatal(loaded):
+    read, trials, _, _ = loaded
+    broken = trials.copy()
+    broken.loc[0, ["status", "test_rank1", "test_mAP"]] = ["errored", math.nan, math.nan]
+    for column in [c for c in broken.columns if c.startswith("test_split")]:
+        broken.loc[0, column] = math.nan
+    notes = trial_notes(broken, "x")
+    assert any("raised an error" in n and str(broken.loc[0, "trial_id"]) in n for n in notes)
+    configs = tables.configurations(broken)
+    assert figures.pareto_figure(configs) is not None
+    assert tables.eval_table(broken)["trial_id"].tolist().count(broken.loc[0, "trial_id"]) == 0
+
+
+def test_importance_with_too_few_trials_says_so():
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    values, notes = param_importances(study)
+    assert values == {} and "needs at least" in notes[0]
+    assert figures.importance_figure(values, "t") is None
+
+
+def test_importance_of_the_real_search_has_both_evaluators_or_says_why(loaded):
+    read, _, _, _ = loaded
+    searched = next(e for e in read if e.kind == "search")
+    values, notes = param_importances(searched.study)
+    assert "PED-ANOVA" in values
+    assert "fANOVA" in values or any("scikit-learn" in n for n in notes)
+
+
+def test_protocol_check_compares_only_real_11k_dorsal_r_in_the_full_profile(tmp_path):
+    manifest = fake_11k_manifest
+    real = manifest(tmp_path / "real")
+    frame = pd.DataFrame({"config/data_dir": [real]})
+    assert protocol_check({"profile": "full"}, frame)[0]
+    assert protocol_check({"profile": "full", "data_dir": real}, pd.DataFrame())[0]
+    ok, why = protocol_check({"profile": "tiny"}, frame)
+    assert not ok and "tiny" in why
+    ok, why = protocol_check({"profile": "full"}, pd.DataFrame())
+    assert not ok and "synthetic" in why
+    synthetic = manifest(tmp_path / "s", report={"rows": {"total": 3200}})
+    assert not protocol_check({"profile": "full", "data_dir": synthetic}, pd.DataFrame())[0]
+    palmar = manifest(tmp_path / "p", aspect="palmar_r")
+    assert not protocol_check({"profile": "full", "data_dir": palmar}, pd.DataFrame())[0]
+
+
+# ------------------------------------------------------------------------------------------
+# A real browser
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or ("/usr/bin/chromium"
+                                         if os.path.exists("/usr/bin/chromium") else None)
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        done = subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env,
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode == 0 and shutil.which("chromium"):
+            return shutil.which("chromium")
+        pytest.skip(f"chromium is absent and apt-get could not install it: "
+                    f"{done.stderr.strip()[-300:]}")
+    pytest.skip("chromium is absent and cannot be installed here (not root or no apt-get)")
+
+
+def test_every_figure_draws_in_headless_chromium(report, tmp_path):
+    binary = chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "report.png"
+    screenshot.unlink(missing_ok=True)
+    shutil.copy(report, ARTIFACTS / "report.html")
+    run = subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={screenshot}", "--window-size=1400,7600", "--dump-dom",
+         report.resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines()
+              if "Uncaught" in line or ("CONSOLE" in line and "Error" in line)]
+    assert not errors, errors
+    figure_ids = re.findall(r'id="(figure-\d+)"', report.read_text())
+    assert len(figure_ids) >= 8
+    chunks = re.split(r'(?=<div id="figure-\d+")', run.stdout)[1:]
+    assert len(chunks) == len(figure_ids)
+    for figure_id, chunk in zip(figure_ids, chunks, strict=True):
+        assert chunk.startswith(f'<div id="{figure_id}"')
+        opening = chunk[:chunk.index(">")]
+        assert "js-plotly-plot" in opening, f"{figure_id} was not drawn"
+        assert chunk.count('class="main-svg"') >= 1, f"{figure_id} has no SVG"
+        if 'class="parcoords"' in chunk:
+            assert "<canvas" in chunk, f"{figure_id}: parallel coordinates drew no canvas"
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,513 @@
+"""The Ray Tune layer on tiny random-init models and the synthetic dataset.
+
+Fixed trials (``reproduce``) and the Optuna search (``search``): one row per trial with its knobs,
+validation and test metrics; concurrent trials; the Optuna study in ``<experiment>/optuna.db``
+with the warm-start points, the measured versions of a reproduce run and ASHA-stopped trials
+recorded as PRUNED; invalid sampled configurations recorded, not crashing; search-space
+validation. Slow: SIGINT + ``--resume`` of a CLI run, and a two-node cluster (both in drivers of
+their own).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tune_clipfh.config import ConfigError
+from tune_clipfh.tune.experiment import (
+    ExperimentOptions,
+    FinalRowOptunaSearch,
+    reproduce,
+    search,
+    version_points,
+)
+from tune_clipfh.tune.results import experiment_meta, load_results
+from tune_clipfh.tune.space import load_space
+from tune_clipfh.tune.versions import load_versions
+
+# Every trial: one prompt epoch and three image epochs (5 reports with the final row).
+QUICK = {"epochs_prompt": 1, "epochs_image": 3, "early_stop_patience": 3}
+REPRO_BACKBONES, REPRO_VERSIONS = ["vitb16", "rn50"], ["v1", "v5"]
+
+# A small space, so that few version points exist and a sampled trial follows them: the ViT
+# versions project onto (lr_visual, unfreeze_blocks) = (1e-4, 12) [v1: lr_visual unset, so its
+# effective rate lr], (1e-5, 12) [v2-v5, v8-v10] and (1e-5, 2) [v6, v7].
+SMALL_SPACE = """
+base: {epochs_prompt: 1, epochs_image: 3, early_stop_patience: 3, unfreeze_mode: last_n}
+parameters:
+  lr_visual: {type: float, low: 1.0e-6, high: 1.0e-2, log: true}
+  unfreeze_blocks: {type: int, low: 1, high: 12}
+"""
+SMALL_SPACE_POINTS = [{"lr_visual": 1e-4, "unfreeze_blocks": 12},
+                      {"lr_visual": 1e-5, "unfreeze_blocks": 12},
+                      {"lr_visual": 1e-5, "unfreeze_blocks": 2}]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _same(a, b) -> bool:
+    """Equal, with None and NaN (pandas' empty cell) equal to each other."""
+    empty = (a is None or (isinstance(a, float) and math.isnan(a)),
+             b is None or (isinstance(b, float) and math.isnan(b)))
+    if any(empty):
+        return all(empty)
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-12)
+    return a == b
+
+
+def _params(row, names) -> dict:
+    return {name: row[f"config/{name}"] for name in names}
+
+
+def _study(path: Path) -> optuna.Study:
+    meta = experiment_meta(path)
+    assert meta["optuna_storage"] == f"sqlite:///{path / 'optuna.db'}"
+    assert (path / "optuna.db").is_file()
+    return optuna.load_study(study_name=meta["study_name"], storage=meta["optuna_storage"])
+
+
+# ------------------------------------------------------------------------------------------
+# Fixed trials
+
+
+@pytest.fixture(scope="module")
+def repro(ray_session, tmp_path_factory):
+    """v1 and v5 of both backbones as fixed trials, one seed (shared by the warm-start test)."""
+    storage = tmp_path_factory.mktemp("ray-repro")
+    path = reproduce(REPRO_BACKBONES, REPRO_VERSIONS,
+                     ExperimentOptions(name="repro", storage=str(storage), overrides=QUICK))
+    return path, load_results(path)
+
+
+def test_reproduce_gives_one_row_per_trial_with_knobs_validation_and_test(repro):
+    path, frame = repro
+    assert path.name == "repro" and experiment_meta(path)["kind"] == "reproduce"
+    assert len(frame) == 4 and frame["trial_id"].is_unique
+    assert sorted(zip(frame["config/backbone"], frame["config/version"], strict=True)) == \
+        sorted((b, v) for b in REPRO_BACKBONES for v in REPRO_VERSIONS)
+    for column in ("config/lr_visual", "config/version", "best_val_rank1", "best_val_mAP",
+                   "test_rank1", "test_mAP", "test_rank1_std", "test_mAP_std"):
+        assert column in frame.columns, column
+    assert (frame["final"] == 1).all()
+    assert frame["status"].isin(["completed", "early_stopped"]).all()
+    assert (frame["trial_status"] == "TERMINATED").all()
+    for column in ("best_val_rank1", "best_val_mAP", "test_rank1", "test_mAP"):
+        assert frame[column].between(0, 1).all(), column
+    assert (frame["test_rank1_std"] >= 0).all() and (frame["test_mAP_std"] >= 0).all()
+    # best_val_* are running maxima: the final row holds the best validation epoch's values.
+    assert (frame["best_val_rank1"] >= frame["val_rank1"] - 1e-12).all()
+
+    versions = load_versions(profile="tiny")
+    keys = ("lr", "lr_visual", "lr_prompt", "optimizer", "scheduler", "id_head",
+            "arcface_scale", "arcface_margin", "loss_use_triplet", "loss_use_center",
+            "unfreeze_mode", "unfreeze_blocks", "freeze_text_encoder", "n_ctx", "profile")
+    for _, row in frame.iterrows():
+        backbone, version = row["config/backbone"], row["config/version"]
+        knobs = versions[backbone][version].knobs
+        assert row["label"] == f"{backbone}-{version}-s0"
+        assert row["config/model"] == backbone and row["config/kind"] == "fixed"
+        for key in keys:
+            assert _same(row[f"config/{key}"], knobs[key]), (backbone, version, key)
+        for key, value in QUICK.items():  # the overrides win over the versions' knobs
+            assert row[f"config/{key}"] == value
+        assert row["epochs_prompt_run"] == 1 and 1 <= row["epochs_image_run"] <= 3
+
+
+# ------------------------------------------------------------------------------------------
+# Search
+
+
+def _most_in_flight(progress: str) -> int:
+    """Most trials running at once, from the driver's progress lines in the order printed:
+    a trial is running from its first ``[tune] <trial> ...`` line to its ``done:`` line."""
+    running: set[str] = set()
+    most = 0
+    for line in progress.splitlines():
+        if not line.startswith("[tune] "):
+            continue
+        trial = line.split()[1]
+        if " done: " in line:
+            running.discard(trial)
+        else:
+            running.add(trial)
+            most = max(most, len(running))
+    return most
+
+
+@pytest.mark.parametrize("objective, metrics", [("rank1", ["best_val_rank1"]),
+                                                ("both", ["best_val_rank1", "best_val_mAP"])])
+def test_search_runs_concurrently_and_writes_the_study(ray_session, tmp_path, capsys,
+                                                       objective, metrics):
+    space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
+    path = search(str(space_file), 4, objective, "vitb16", None,
+                  ExperimentOptions(name=f"search-{objective}", storage=str(tmp_path / "ray"),
+                                    max_concurrent=2, cpus_per_trial=1))
+    progress = capsys.readouterr().err
+    frame = load_results(path)
+    assert len(frame) == 4 and frame["trial_id"].is_unique
+    assert (frame["kind"] == "search").all()
+    meta = experiment_meta(path)
+    assert meta["kind"] == "search" and meta["metrics"] == metrics
+
+    # Two trials at once, never more: a second trial reports before the first one is done.
+    assert _most_in_flight(progress) == 2, progress
+
+    # The warm start: the version points run first, as they are.
+    names = ["lr_visual", "unfreeze_blocks"]
+    points = version_points(load_space(space_file, profile="tiny", backbone="vitb16"),
+                            "vitb16", "tiny")
+    assert points == SMALL_SPACE_POINTS
+    ran = [_params(row, names) for _, row in frame.iterrows()]
+    assert all(point in ran for point in points), ran
+
+    # The study, in <experiment>/optuna.db: one trial per Ray trial, same parameters; a trial
+    # with its final row is COMPLETE with the final row's values, one stopped by ASHA is PRUNED.
+    study = _study(path)
+    assert len(study.directions) == len(metrics)
+    assert len(study.trials) == 4
+    for _, row in frame.iterrows():
+        matches = [t for t in study.trials if t.params == _params(row, names)]
+        assert matches, _params(row, names)
+        if row.get("final") == 1:
+            assert any(t.state == optuna.trial.TrialState.COMPLETE
+                       and t.values == [row[m] for m in metrics] for t in matches)
+        else:
+            assert row["status"] == "stopped_by_scheduler"
+            assert all(t.state != optuna.trial.TrialState.COMPLETE for t in matches)
+            assert any(t.state == optuna.trial.TrialState.PRUNED for t in matches)
+    states = sorted(t.state.name for t in study.trials)
+    assert states.count("COMPLETE") == int((frame["final"] == 1).sum()), states
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_scheduler_stopped_trials_enter_the_study_as_pruned(multi):
+    """Without a final row a trial is PRUNED, never COMPLETE with under-trained metrics."""
+    metrics = ["best_val_rank1", "best_val_mAP"] if multi else "best_val_rank1"
+    storage = optuna.storages.InMemoryStorage()
+    searcher = FinalRowOptunaSearch.create(
+        space=lambda trial: trial.suggest_float("lr_visual", 1e-5, 1e-2, log=True) and None,
+        metric=metrics, mode=["max", "max"] if multi else "max",
+        sampler=optuna.samplers.RandomSampler(seed=0), study_name="pruned", storage=storage)
+    for trial_id in ("stopped", "finished", "crashed"):
+        assert "lr_visual" in searcher.suggest(trial_id)
+    row = {"best_val_rank1": 0.5, "best_val_mAP": 0.25, "training_iteration": 2}
+    searcher.on_trial_result("stopped", {**row, "final": 0})
+    searcher.on_trial_complete("stopped", {**row, "final": 0})
+    searcher.on_trial_complete("finished", {**row, "final": 1, "training_iteration": 5})
+    searcher.on_trial_complete("crashed", {**row, "final": 0}, error=True)
+    stopped, finished, crashed = optuna.load_study(study_name="pruned", storage=storage).trials
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert finished.state == optuna.trial.TrialState.COMPLETE
+    assert finished.values == ([0.5, 0.25] if multi else [0.5])
+    assert crashed.state == optuna.trial.TrialState.FAIL
+
+
+def test_search_warm_starts_from_a_reproduce_experiment(repro, tmp_path):
+    repro_path, repro_frame = repro
+    space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
+    path = search(str(space_file), 1, "rank1", "vitb16", str(repro_path),
+                  ExperimentOptions(name="warm", storage=str(tmp_path / "ray")))
+    study = _study(path)
+    measured = [t for t in study.trials if "source" in t.user_attrs]
+    # The two ViT versions of the reproduce run, with their measured validation Rank-1; the
+    # RN50 trials belong to another backbone and stay out.
+    assert sorted(t.user_attrs["source"] for t in measured) == ["repro/v1", "repro/v5"]
+    for trial in measured:
+        version = trial.user_attrs["source"].split("/")[1]
+        row = repro_frame[(repro_frame["config/backbone"] == "vitb16")
+                          & (repro_frame["config/version"] == version)].iloc[0]
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.values == [row["best_val_rank1"]]
+        assert trial.params == SMALL_SPACE_POINTS[0 if version == "v1" else 1]
+    # The measured points are not run again: the one new trial is the remaining version point.
+    frame = load_results(path)
+    assert len(frame) == 1
+    assert _params(frame.iloc[0], ["lr_visual", "unfreeze_blocks"]) == SMALL_SPACE_POINTS[2]
+    assert len(study.trials) == 3
+
+
+def test_invalid_sampled_configuration_is_recorded_not_a_crash(ray_session, tmp_path):
+    space_file = _write(tmp_path / "no_losses.yaml", """
+base: {epochs_prompt: 1, epochs_image: 2}
+parameters:
+  loss_use_id:      {type: categorical, choices: [false]}
+  loss_use_triplet: {type: categorical, choices: [false]}
+  loss_use_center:  {type: categorical, choices: [false]}
+  loss_use_i2t:     {type: categorical, choices: [false]}
+""")
+    path = search(str(space_file), 2, "rank1", "vitb16", None,
+                  ExperimentOptions(name="invalid", storage=str(tmp_path / "ray")))
+    frame = load_results(path)
+    assert len(frame) == 2
+    assert (frame["status"] == "invalid_config").all()
+    assert (frame["final"] == 1).all() and (frame["trial_status"] == "TERMINATED").all()
+    assert frame["error"].str.contains("every image-stage loss is off").all()
+    assert (frame["best_val_rank1"] == 0).all()
+    study = _study(path)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.values for t in study.trials] == [[0.0], [0.0]]
+
+
+# ------------------------------------------------------------------------------------------
+# Search spaces (no Ray)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("  a_rate: {type: float, low: 0.1, high: 1.0}",
+     "parameter 'a_rate': not a configuration key"),
+    ("  lr_visual: {type: float, low: 1.0e-3, high: 1.0e-3}", "parameter 'lr_visual': empty range"),
+    ("  lr_visual: {type: float, low: 1.0e-2, high: 1.0e-3}", "parameter 'lr_visual': empty range"),
+    ("  n_ctx: {type: str, low: 2, high: 4}", "parameter 'n_ctx': type 'str' is not valid"),
+    ("  n_ctx: {type: int, low: two, high: 4}", "parameter 'n_ctx': int needs numeric"),
+    ("  id_head: {type: categorical, choices: []}", "parameter 'id_head': categorical needs"),
+    ("  lr_visual: {type: float, low: 0.0, high: 1.0, log: true}",
+     "parameter 'lr_visual': a log range needs low > 0"),
+    ("  arcface_scale: {type: float, low: 10, high: 64, when: {id_hed: arcface}}",
+     "parameter 'arcface_scale': condition names 'id_hed'"),
+    ("  arcface_scale: {type: float, low: 10, high: 64, when: {id_head: arcface}}\n"
+     "  id_head: {type: categorical, choices: [linear, arcface]}",
+     "parameter 'arcface_scale': condition names 'id_head', which is not an earlier"),
+    ("  id_head: {type: categorical, choices: [linear, arcface]}\n"
+     "  arcface_scale: {type: float, low: 10, high: 64, when: {id_head: arcfase}}",
+     "parameter 'arcface_scale': condition id_head: 'arcfase' is a value 'id_head' never takes"),
+    ("  n_ctx: {type: int, low: 2, high: 4, step: 1, choise: [2]}",
+     "parameter 'n_ctx': unknown field 'choise'"),
+])
+def test_space_errors_are_one_line_naming_file_and_parameter(tmp_path, spec, expected):
+    path = _write(tmp_path / "space.yaml", f"parameters:\n{spec}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_space(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ") and expected in message, message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("base: {epochs: 3}\nparameters:\n  n_ctx: {type: int, low: 2, high: 4}\n",
+     "base key 'epochs': unknown key"),
+    ("parameter:\n  n_ctx: {type: int, low: 2, high: 4}\n", "section 'parameter' is not valid"),
+    ("base: {lr: 0.1}\n", "'parameters' is empty"),
+    ("parameters:\n  n_ctx: {type: int, low: 2, high: 4}\nprofiles:\n  tiny:\n    parameters:\n"
+     "      lr_visual: {type: float, low: 0.1, high: 1.0}\n",
+     "profiles.tiny.parameters 'lr_visual' overrides no parameter"),
+])
+def test_space_file_errors(tmp_path, text, expected):
+    path = _write(tmp_path / "space.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_space(path, profile="tiny")
+    assert "\n" not in str(caught.value) and expected in str(caught.value), str(caught.value)
+    assert str(caught.value).startswith(str(path))
+
+
+def test_default_space_overlays():
+    """Profile and backbone overlays replace whole parameter definitions and extend the base."""
+    def params(profile, backbone):
+        return {p.name: p for p in load_space(profile=profile, backbone=backbone).parameters}
+
+    tiny_rn50, full_rn50, full_vit = params("tiny", "rn50"), params("full", "rn50"), \
+        params("full", "vitb16")
+    assert (tiny_rn50["unfreeze_blocks"].low, tiny_rn50["unfreeze_blocks"].high) == (1, 4)
+    assert full_rn50["unfreeze_blocks"].high == 4 and full_vit["unfreeze_blocks"].high == 12
+    # tiny random-init models get wider rates than fine-tuning pretrained CLIP
+    assert tiny_rn50["lr_visual"].high > full_rn50["lr_visual"].high
+    assert tiny_rn50["lr_visual"].log and tiny_rn50["lr_visual"].type == "float"
+    assert load_space(profile="tiny", backbone="rn50").base["epochs_image"] == 8
+    assert load_space(profile="full", backbone="rn50").base["epochs_image"] == 30
+    # the order of the parameters (and so which conditions are "earlier") is the base file's
+    assert list(tiny_rn50) == list(full_vit)
+
+
+def test_conditional_parameters_and_points():
+    space = load_space(profile="full", backbone="vitb16")
+    linear = {"loss_use_id": True, "id_head": "linear", "loss_use_triplet": False}
+    names = {p.name for p in space.active(linear)}
+    assert {"weight_id", "label_smoothing"} <= names
+    assert not {"arcface_scale", "arcface_margin", "triplet_margin"} & names
+    no_id = {p.name for p in space.active({"loss_use_id": False})}
+    assert not {"weight_id", "id_head", "arcface_scale"} & no_id
+    # A version's unset group rate is its effective rate (lr) in the point.
+    v5 = load_versions(profile="full")["vitb16"]["v5"].knobs
+    assert v5["lr_head"] is None
+    point = space.point_from_knobs(v5)
+    assert point is not None and point["lr_head"] == v5["lr"]
+    assert point["arcface_scale"] == 20.0 and "triplet_margin" in point
+    assert space.point_from_knobs({**v5, "n_ctx": 99}) is None
+    # unfreeze_blocks only counts with unfreeze_mode last_n
+    assert "unfreeze_blocks" not in {p.name for p in space.active({"unfreeze_mode": "all"})}
+    assert "unfreeze_blocks" in {p.name for p in space.active({"unfreeze_mode": "last_n"})}
+
+
+@pytest.mark.parametrize("profile, backbone", [
+    ("tiny", "vitb16"), ("tiny", "rn50"), ("full", "vitb16"), ("full", "rn50"),
+])
+def test_default_space_holds_version_points(profile, backbone):
+    points = version_points(load_space(profile=profile, backbone=backbone), backbone, profile)
+    assert points
+    # v1 sets no per-group rate: it is in the space through its effective rates (lr).
+    v1 = load_versions(profile=profile)[backbone]["v1"].knobs
+    if all(p.contains(v1["lr"]) for p in load_space(profile=profile, backbone=backbone).parameters
+           if p.name in ("lr_visual", "lr_head", "lr_prompt")):
+        assert any(point["lr_visual"] == v1["lr"] for point in points)
+
+
+# ------------------------------------------------------------------------------------------
+# A driver of its own: SIGINT, then --resume (slow)
+
+
+def _tune_lines(log: Path, marker: str) -> list[str]:
+    if not log.is_file():
+        return []
+    return [line for line in log.read_text(errors="replace").splitlines()
+            if line.startswith("[tune]") and marker in line]
+
+
+def _wait_for(predicate, timeout: float, proc) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return bool(predicate())
+        time.sleep(0.5)
+    return False
+
+
+def _rows_reported(trial_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
+            if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["reproduce", "search"])
+def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_path, drivers,
+                                                                         verb):
+    storage, log = tmp_path / "ray", tmp_path / "driver.log"
+    argv = [str(Path(sys.executable).parent / "tune-clipfh"), verb, "--name", "interrupted",
+            "--storage", str(storage), "--max-concurrent", "1",
+            "--set", "epochs_prompt=1", "--set", "epochs_image=6",
+            "--set", "early_stop_patience=0", "--set", "checkpoint_min_interval_s=0"]
+    if verb == "reproduce":
+        argv += ["--backbones", "vitb16", "--versions", "v1,v5,v6"]
+        expected = 3
+    else:  # 3 version points, then 1 sampled; no ASHA stop (grace beyond the last epoch)
+        space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
+        argv += ["--space", str(space_file), "--backbone", "vitb16", "--num-samples", "4",
+                 "--asha-grace", "100"]
+        expected = 4
+    proc = drivers.start(argv, log)
+    try:
+        # One trial done, the next one past its first checkpoint (iteration 2), then SIGINT to
+        # the driver alone (Ray's processes share its group and must see no signal).
+        def first_done_second_checkpointed():
+            done = _tune_lines(log, " done: ")
+            if not done:
+                return False
+            first = done[0].split()[1]
+            return any(line.split()[1] != first for line in _tune_lines(log, " image epoch 2:"))
+
+        assert _wait_for(first_done_second_checkpointed, 240, proc), log.read_text()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+    finally:
+        drivers.kill(proc)
+    path = storage / "interrupted"
+    before = load_results(path)
+    # With one trial at a time the pending trials may not exist yet.
+    assert 2 <= len(before) <= expected and before["trial_id"].is_unique
+    finished = before[before["final"] == 1]
+    assert 1 <= len(finished) < len(before), before[["label", "status", "trial_status"]]
+    rows_before = {row["trial_id"]: _rows_reported(next(path.glob(f"*{row['trial_id']}")))
+                   for _, row in finished.iterrows()}
+
+    resumed = drivers.start([*argv, "--resume"], tmp_path / "resume.log")
+    try:
+        assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
+    finally:
+        drivers.kill(resumed)
+    assert "resuming experiment" in (tmp_path / "resume.log").read_text()
+    after = load_results(path)
+    assert len(after) == expected and after["trial_id"].is_unique
+    assert set(before["trial_id"]) <= set(after["trial_id"])
+    assert (after["final"] == 1).all(), after[["label", "status", "trial_status"]]
+    assert after["status"].isin(["completed", "early_stopped"]).all()
+    # Finished trials were not run again: the same rows, the same final row.
+    for trial_id, rows in rows_before.items():
+        assert _rows_reported(next(path.glob(f"*{trial_id}"))) == rows
+    # The trial that was running went on from its checkpoint instead of starting over.
+    running = before[(before["final"] != 1) & before["training_iteration"].notna()]
+    assert len(running) == 1, before[["label", "status", "training_iteration"]]
+    row = after.set_index("trial_id").loc[running["trial_id"].iloc[0]]
+    assert row["iterations_since_restore"] < row["training_iteration"]
+
+    if verb == "reproduce":
+        assert sorted(after["config/version"]) == ["v1", "v5", "v6"]
+        return
+    # The search went on with the restored searcher and study: each version point ran once,
+    # and the study holds exactly the trials that ran (nothing queued twice or left waiting).
+    names = ["lr_visual", "unfreeze_blocks"]
+    ran = [_params(row, names) for _, row in after.iterrows()]
+    assert all(ran.count(point) == 1 for point in SMALL_SPACE_POINTS), ran
+    assert len({tuple(sorted(params.items())) for params in ran}) == expected, ran
+    study = _study(path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * expected
+    assert sorted(t.values[0] for t in study.trials) == sorted(after["best_val_rank1"])
+
+
+# ------------------------------------------------------------------------------------------
+# Two nodes (slow)
+
+CLUSTER_SCRIPT = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+
+from tune_clipfh.tune.experiment import ExperimentOptions, reproduce
+from tune_clipfh.tune.results import load_results
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+try:
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    path = reproduce(["vitb16"], ["v1", "v5"], ExperimentOptions(
+        name="two-nodes", storage=sys.argv[1], address=cluster.address,
+        overrides={"epochs_prompt": 1, "epochs_image": 3, "early_stop_patience": 0}))
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    frame = load_results(path)
+    print("RESULT " + json.dumps({"nodes": nodes, "node_ids": frame["node_id"].tolist(),
+                                  "final": frame["final"].tolist()}), flush=True)
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_trials_spread_over_two_nodes(tmp_path, drivers):
+    script = _write(tmp_path / "two_nodes.py", CLUSTER_SCRIPT)
+    log = tmp_path / "cluster.log"
+    proc = drivers.start([sys.executable, str(script), str(tmp_path / "ray")], log)
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"two-node run timed out:\n{log.read_text()[-4000:]}")
+    finally:
+        drivers.kill(proc)
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, text[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert len(result["nodes"]) == 2
+    assert result["final"] == [1, 1]
+    assert set(result["node_ids"]) == set(result["nodes"])

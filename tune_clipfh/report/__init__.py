@@ -1,0 +1,263 @@
+"""Reports: Tune experiments (reproduce and search) -> one offline ``report.html`` + CSV tables.
+
+``build_report(experiment_dirs, out_dir, reference_csv=None)`` reads each experiment through
+Ray's result API (``report.data``), builds the tables (``report.tables``) and figures
+(``report.figures``), and writes ``report.html`` (``report.page``) with the CSV files beside it.
+Missing or partial experiments give a page that says what is missing instead of an error.
+
+Sections of the page:
+
+1. test Rank-1 against mAP, Pareto front, thesis series when the protocol matches;
+2. ours against the thesis per version and backbone;
+3. learning curves (validation) and the loss breakdown;
+4. parallel coordinates, knobs -> best validation Rank-1;
+5. parameter importance of each search (fANOVA and PED-ANOVA);
+6. optimisation history of each search;
+7. CMC curves of the best configurations (chosen on validation);
+8. the summary table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures, tables
+from .data import Experiment, load_experiment, param_importances
+from .page import Panel, Section, frame_table, render_page
+
+REFERENCE_CSV = Path(__file__).resolve().parents[2] / "analysis" / \
+    "thesis_clipfh_11k_dorsal_r_eval.csv"
+"""The thesis's published per-version table (see analysis/README.md for its source)."""
+REPORT_NAME = "report.html"
+METRIC_NAMES = {"best_val_rank1": "validation Rank-1", "best_val_mAP": "validation mAP"}
+
+__all__ = ["REFERENCE_CSV", "build_report"]
+
+
+def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
+                 reference_csv: str | Path | None = None,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """Write ``<out_dir>/report.html`` and its CSV tables; return the page's path."""
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    experiments = [load_experiment(path) for path in experiment_dirs]
+    notes = [note for exp in experiments for note in exp.notes]
+    notes += _coverage_notes(experiments)
+    trials = _concat([e.trials for e in experiments])
+    history = _concat([e.history.assign(experiment=e.name) for e in experiments
+                       if not e.history.empty])
+    reference, reference_note = _reference(reference_csv)
+    if reference_note:
+        notes.append(reference_note)
+    comparable, protocol_note = _comparability(experiments, reference)
+    if not comparable and protocol_note:
+        notes.append(f"The thesis's numbers are not shown: {protocol_note}")
+
+    configs = tables.configurations(trials) if not trials.empty else \
+        tables.configurations(pd.DataFrame())
+    comparison = tables.versus_reference(configs, reference)
+    labels = trial_labels(trials)
+    protocol = [f"Thesis numbers not comparable: {protocol_note}"] \
+        if not comparable and protocol_note else []
+    sections = [
+        Section("Rank-1 against mAP (test)", [Panel(
+            figures.pareto_figure(configs, reference, comparable, protocol_note),
+            caption=figures.CAPTIONS["pareto"], notes=protocol,
+            missing="no trial has test metrics yet.")]),
+        Section("Ours against the thesis, per version and backbone", [Panel(
+            figures.versus_figure(comparison, comparable),
+            caption=figures.CAPTIONS["versus"], notes=protocol,
+            missing="no fixed trial (v1-v10) with test metrics: read a reproduce experiment.")]),
+        Section("Learning curves and loss breakdown", [
+            Panel(figures.learning_curves_figure(history, labels),
+                  caption=figures.CAPTIONS["curves"], missing="no trial reported an epoch."),
+            Panel(figures.loss_figure(history, labels), caption=figures.CAPTIONS["losses"],
+                  missing="no trial reported an epoch.")]),
+        Section("Parallel coordinates: knobs -> validation Rank-1",
+                _parallel_panels(experiments)),
+        Section("Parameter importance (search)", _importance_panels(experiments)),
+        Section("Optimisation history (search)", _history_panels(experiments)),
+        Section("CMC curves of the best configurations", [Panel(
+            figures.cmc_figure(configs), caption=figures.CAPTIONS["cmc"],
+            missing="no trial has a test CMC yet.")]),
+        Section("Summary: top configurations", [_summary_panel(configs)]),
+    ]
+    csvs = {
+        "eval_table": tables.eval_table(trials),
+        "train_table": tables.train_table(history, trials),
+        "configurations": configs.drop(columns=["knobs_html"], errors="ignore").round(4),
+        "summary": tables.summary_table(configs, top=None),
+        "versus_thesis": comparison.round(2),
+    }
+    files = [p.name for p in tables.write_csvs(out, csvs)]
+    page = render_page(
+        title="tune-clipfh report: " + ", ".join(e.name for e in experiments),
+        experiments=[_experiment_row(e) for e in experiments], notes=notes,
+        sections=sections, files=files, generated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    path = out / REPORT_NAME
+    path.write_text(page, encoding="utf-8")
+    if log:
+        for note in notes:
+            log(f"note: {note}")
+    return path
+
+
+def trial_labels(trials: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """``(experiment, trial_id)`` -> a short legend label (``vitb16 v1 s0``, ``search 1a2b``)."""
+    labels = {}
+    for _, row in trials.iterrows():
+        if row.get("kind") == "fixed":
+            label = f"{row.get('backbone')} {row.get('version')} s{int(row.get('seed') or 0)}"
+        else:
+            label = f"search {row['trial_id']}"
+        labels[(row["experiment"], row["trial_id"])] = label
+    return labels
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _coverage_notes(experiments: list[Experiment]) -> list[str]:
+    kinds = {e.kind for e in experiments}
+    notes = []
+    if not experiments:
+        notes.append("No experiment folder was given.")
+        return notes
+    if "reproduce" not in kinds:
+        notes.append("No reproduce experiment read: the fixed versions v1-v10 are absent, so "
+                     "figures 1-2 hold search trials only (add a `tune-clipfh reproduce` "
+                     "folder to compare).")
+    if "search" not in kinds:
+        notes.append("No search experiment read: parameter importance and optimisation "
+                     "history (sections 5-6) are empty.")
+    return notes
+
+
+def _reference(path: str | Path | None) -> tuple[pd.DataFrame | None, str]:
+    path = Path(path) if path else REFERENCE_CSV
+    if not path.is_file():
+        return None, f"Reference table {path} not found: the thesis's numbers are not shown."
+    try:
+        return tables.load_reference(path), ""
+    except (OSError, ValueError, KeyError) as exc:
+        return None, f"Reference table {path} could not be read ({exc}); thesis not shown."
+
+
+def _comparability(experiments: list[Experiment],
+                   reference: pd.DataFrame | None) -> tuple[bool, str]:
+    with_trials = [e for e in experiments if not e.trials.empty]
+    if reference is None:
+        return False, "no reference table"
+    if not with_trials:
+        return False, "no experiment has trials"
+    by_reason: dict[str, list[str]] = {}
+    for exp in with_trials:
+        if not exp.comparable:
+            by_reason.setdefault(exp.protocol_note, []).append(exp.name)
+    if by_reason:
+        return False, ("the thesis ran the full models on real 11k dorsal-right images; here "
+                       + "; ".join(f"{', '.join(names)}: {reason}"
+                                   for reason, names in by_reason.items()))
+    return True, ""
+
+
+def _parallel_panels(experiments: list[Experiment]) -> list[Panel]:
+    panels = []
+    for exp in experiments:
+        if exp.trials.empty:
+            continue
+        what = "sampled knobs" if exp.kind == "search" else "knobs that differ between versions"
+        panels.append(Panel(
+            figures.parallel_figure(exp.trials, f"Parallel coordinates, {exp.name} ({what})"),
+            caption=figures.CAPTIONS["parallel"],
+            missing=f"{exp.name}: fewer than two trials with a validation metric."))
+    return panels or [Panel(missing="no experiment has trials.")]
+
+
+def _objectives(exp: Experiment) -> list[str]:
+    return list(exp.meta.get("metrics") or ["best_val_rank1"])
+
+
+def _importance_panels(experiments: list[Experiment]) -> list[Panel]:
+    panels = []
+    for exp in (e for e in experiments if e.kind == "search"):
+        for index, metric in enumerate(_objectives(exp)):
+            importances, notes = param_importances(exp.study, index)
+            count = _complete_trials(exp.study)
+            title = (f"Parameter importance for {METRIC_NAMES.get(metric, metric)}, study "
+                     f"{exp.meta.get('study_name', exp.name)} ({count} complete trials, "
+                     f"warm-start versions included)")
+            panels.append(Panel(figures.importance_figure(importances, title),
+                                caption=figures.CAPTIONS["importance"],
+                                notes=[f"{exp.name}: {n}" for n in notes],
+                                missing=f"{exp.name}: no importance could be computed."))
+    return panels or [Panel(missing="no search experiment read.")]
+
+
+def _complete_trials(study) -> int:
+    if study is None:
+        return 0
+    import optuna
+
+    return sum(t.state == optuna.trial.TrialState.COMPLETE
+               for t in study.get_trials(deepcopy=False))
+
+
+def _history_panels(experiments: list[Experiment]) -> list[Panel]:
+    panels = []
+    for exp in (e for e in experiments if e.kind == "search"):
+        histories = {METRIC_NAMES.get(m, m): tables.optimisation_history(exp.trials,
+                                                                         exp.history, m)
+                     for m in _objectives(exp)} if not exp.trials.empty else {}
+        panels.append(Panel(
+            figures.history_figure(histories, f"Optimisation history, {exp.name}"),
+            caption=figures.CAPTIONS["history"],
+            missing=f"{exp.name}: no search trial has reported yet."))
+    return panels or [Panel(missing="no search experiment read.")]
+
+
+def _summary_panel(configs: pd.DataFrame) -> Panel:
+    summary = tables.summary_table(configs, top=10)
+    if summary.empty:
+        return Panel(missing="no configuration to summarise.")
+    shown = pd.DataFrame({
+        "rank": summary["rank"], "configuration": summary["configuration"],
+        "kind": summary["kind"], "backbone": summary["backbone"],
+        "experiment": summary["experiment"], "seeds": summary["seeds"],
+        "status": summary["status"], "val R1 (%)": summary["val_rank1"],
+        "val mAP (%)": summary["val_mAP"],
+        "test R1 (%)": [_plus_minus(m, s) for m, s in zip(
+            summary["test_rank1"], summary["test_rank1_std"], strict=True)],
+        "test mAP (%)": [_plus_minus(m, s) for m, s in zip(
+            summary["test_mAP"], summary["test_mAP_std"], strict=True)],
+        "test R5 (%)": summary["test_rank5"], "test R10 (%)": summary["test_rank10"],
+        "time (s)": summary["time_total_s"], "knobs": summary["knobs"]})
+    return Panel(html=frame_table(shown, folded=("knobs",)),
+                 caption="The ten best configurations by best validation Rank-1 (ties by "
+                         "mAP): seeds, validation and test metrics (test as mean ± std over "
+                         "splits and seeds), total trial time and knobs (click to open); "
+                         "every configuration, with its trial ids, is in summary.csv.")
+
+
+def _plus_minus(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.2f}\u00a0±\u00a0{std:.2f}" if not pd.isna(std) else f"{mean:.2f}"
+
+
+def _experiment_row(exp: Experiment) -> dict:
+    counts = exp.trials["status"].fillna("unfinished").value_counts().to_dict() \
+        if not exp.trials.empty and "status" in exp.trials else {}
+    return {
+        "experiment": exp.name, "kind": exp.kind, "profile": exp.meta.get("profile", ""),
+        "trials": ", ".join(f"{n} {s}" for s, n in counts.items()) or "none",
+        "thesis comparable": "yes: " + exp.protocol_note if exp.comparable
+        else f"no: {exp.protocol_note}" if exp.protocol_note else "no",
+        "folder": str(exp.path),
+    }
