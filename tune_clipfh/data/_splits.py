@@ -267,7 +267,12 @@ def build_manifest(
 ) -> Manifest:
     """Split checked identity groups into train / val / test splits."""
     if not groups:
-        raise DataError(f"{source}: no identity has {MIN_IMAGES_PER_IDENTITY} usable images")
+        raise DataError(
+            f"{source}: no identity has {MIN_IMAGES_PER_IDENTITY} usable images"
+            f" ({len(report['dropped_identities'])} identities with fewer were dropped,"
+            f" {len(report['skipped'])} image files skipped); a query/gallery pair needs"
+            f" {MIN_IMAGES_PER_IDENTITY} images of one identity"
+        )
     train_ids, test_ids = split_identities(groups, identity_split, upstream_threshold, source)
     train, val = carve_validation({i: groups[i] for i in train_ids}, val_fraction, seed, source)
     return Manifest(

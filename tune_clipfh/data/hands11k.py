@@ -82,6 +82,11 @@ def prepare_11k(
 
     report = new_report()
     report["rows"] = _row_counts(rows, aspect)
+    if report["rows"]["kept"] == 0:
+        raise DataError(
+            f"{csv_path}: no row has aspectOfHand '{ASPECTS[aspect]}' and accessories 0"
+            f" ({len(rows)} rows read), so aspect {aspect} has no identities to prepare"
+        )
     groups = _checked_aspect(rows, aspect, root, report, progress, label=str)
     manifest = build_manifest(
         dataset="11k",

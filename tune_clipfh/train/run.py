@@ -115,13 +115,27 @@ def write_test_results(run_dir: Path, test: dict[str, Any], name: str) -> None:
     atomic_write_text(run_dir / "test_results.csv", buffer.getvalue())
 
 
+def _keep_metrics_until(path: Path, iteration: int) -> None:
+    """Keep the metrics rows of iterations up to ``iteration`` (the resumed checkpoint's)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if isinstance(row, dict) and row.get("iteration", 0) <= iteration:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 def train_run(config: RunConfig, run_dir: Path, *, resume: bool = False,
               log: Callable[[str], None] = stderr_log, progress: bool = True) -> TrainResult:
     """Train one configuration into ``run_dir`` (resuming from its state.pt if asked)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = prepare_data(config, log=log, progress=progress)
     trainer = Trainer(config, data, log=log, progress=progress)
+    # Only once the data and the model load: a refused run leaves no empty run folder behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / STATE_FILE
     if resume and state_path.is_file():
         trainer.load_state_dict(load_torch(state_path))
@@ -131,6 +145,9 @@ def train_run(config: RunConfig, run_dir: Path, *, resume: bool = False,
     metrics_path = run_dir / "metrics.jsonl"
     if not resume:
         metrics_path.unlink(missing_ok=True)
+    elif metrics_path.is_file():
+        # The epochs after the checkpoint run again: drop the rows they wrote before.
+        _keep_metrics_until(metrics_path, trainer.iteration)
     best_epoch_saved = trainer.best["epoch"]
 
     def on_epoch(record: EpochRecord) -> None:

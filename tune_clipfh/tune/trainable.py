@@ -101,6 +101,9 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
     result = trainer.run(on_epoch)
     last = dict(result.history[-1]) if result.history else {}
     last.pop("stage", None)
+    # History rows count epochs within a stage; reported rows use the overall count as `epoch`.
+    if last:
+        last["stage_epoch"], last["epoch"] = last["epoch"], last.pop("iteration")
     selected = result.best_epoch is not None  # else no stage-2 epoch: the last row's values
     final = {**last, "status": result.status, "final": 1, "node_id": node_id,
              "best_epoch": result.best_epoch if selected else -1,
