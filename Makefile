@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 ## test-fast: the suite without the tests marked slow
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+## bench: the performance benchmark's quick run (under 5 minutes on 2 cores)
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/tune-clipfh bench --quick --json runs/bench.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check tune_clipfh tests

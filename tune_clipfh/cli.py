@@ -230,6 +230,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import parse_lines, run_bench, settings_for
+
+    run_bench(parse_lines(args.only), settings_for(args.quick), json_path=args.json,
+              cache_dir=args.cache_dir)
+    return 0
+
+
 def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -368,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-samples", type=int, default=8)
     demo.add_argument("--max-concurrent", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
+
+    bench = verbs.add_parser("bench", help="performance benchmark: ratios measured side by side "
+                             "(evaluator, Tune overhead, input pipeline, prompt cache, "
+                             "concurrency, memory, search efficiency, CUDA)")
+    bench.add_argument("--quick", action="store_true",
+                       help="smaller sizes and budgets (under 5 minutes on 2 cores)")
+    bench.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    bench.add_argument("--only", metavar="LINES", help="comma-separated line numbers, e.g. 1,3")
+    bench.add_argument("--cache-dir", help="decoded-image cache folder")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

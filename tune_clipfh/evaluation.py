@@ -43,6 +43,9 @@ DEFAULT_RANKS = (1, 5, 10)
 # gallery, two int64 hit coordinates (16 B); 64 B is a round upper bound.
 CHUNK_MEMORY_BYTES = 64 * 2**20
 BYTES_PER_ELEMENT = 64
+# Up to this many positives per query, ranks come from compare-and-count passes (2 per
+# positive, ~1 ns per distance each); beyond it from one sort of each row (~4 ns per distance).
+_MAX_COUNTING_POSITIVES = 2
 
 UPSTREAM_NUM_SPLITS = 10
 _UPSTREAM_METRICS = (("R1", "rank1"), ("R5", "rank5"), ("R10", "rank10"), ("mAP", "mAP"))
@@ -69,8 +72,29 @@ def _label_list(labels) -> list:
     return list(labels)
 
 
+def _label_array(labels) -> np.ndarray | None:
+    """A 1-D numpy view of array-like labels (tensor or ndarray), else None."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    if not isinstance(labels, np.ndarray):
+        return None
+    if labels.ndim != 1:
+        raise ValueError(f"ids must be one-dimensional, got shape {labels.shape}")
+    return labels
+
+
 def _encode_ids(query_ids, gallery_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Map query and gallery labels (any hashable values) jointly to int64 codes."""
+    query_array, gallery_array = _label_array(query_ids), _label_array(gallery_ids)
+    if (query_array is not None and gallery_array is not None
+            and query_array.dtype.kind == gallery_array.dtype.kind
+            and query_array.dtype.kind in "iuU"):
+        # Two integer arrays or two string arrays: np.unique gives the same grouping as the
+        # dict below, without a Python loop over every label.
+        _, inverse = np.unique(np.concatenate([query_array, gallery_array]),
+                               return_inverse=True)
+        codes = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+        return codes[:len(query_array)], codes[len(query_array):]
     # A dict rather than np.unique: labels of mixed types (e.g. 1 and "1") must stay distinct.
     codes: dict = {}
     query = [codes.setdefault(label, len(codes)) for label in _label_list(query_ids)]
@@ -129,22 +153,121 @@ def _chunk_rows(chunk_size: int | None, num_gallery: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _chunk_statistics(distance: torch.Tensor, query_codes: torch.Tensor,
-                      gallery_codes: torch.Tensor, ap: str) -> dict:
-    """First-hit rank histogram, and AP and INP of each valid query of one chunk."""
-    if torch.isnan(distance).any():
+class _GalleryGroups:
+    """Gallery indices grouped by identity code (ascending within a code), built once per call,
+    so each query's positives are found without a query x gallery comparison."""
+
+    def __init__(self, gallery_codes: torch.Tensor, num_codes: int):
+        self.order = torch.sort(gallery_codes, stable=True).indices
+        self.counts = torch.bincount(gallery_codes, minlength=num_codes)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def to(self, device: torch.device) -> _GalleryGroups:
+        if self.order.device != device:
+            for name in ("order", "counts", "starts"):
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def _sorted_rows(distance: torch.Tensor) -> torch.Tensor:
+    """Each row's values in ascending order (values only, no indices); NaN sorts last. On the
+    CPU numpy's vectorised quicksort is several times faster than ``torch.sort``."""
+    if distance.device.type != "cpu":
+        return torch.sort(distance, dim=1).values
+    return torch.from_numpy(np.sort(distance.detach().numpy(), axis=1))
+
+
+def _has_nan(distance: torch.Tensor) -> bool:
+    if distance.device.type != "cpu":
+        return bool(torch.isnan(distance).any())
+    return bool(np.isnan(distance.detach().numpy().min()))  # numpy's min propagates NaN
+
+
+def _count_below(distance: torch.Tensor, thresholds: torch.Tensor,
+                 inclusive: bool) -> torch.Tensor:
+    """Per row, the number of entries ``<`` (or ``<=``) that row's threshold ([C, 1])."""
+    if distance.device.type != "cpu":
+        return (distance <= thresholds if inclusive else distance < thresholds).sum(1)
+    # numpy's compare and int32 sum run several times faster than torch's bool sum on the CPU.
+    values, limits = distance.detach().numpy(), thresholds.numpy()
+    below = np.less_equal(values, limits) if inclusive else np.less(values, limits)
+    return torch.from_numpy(below.sum(1, dtype=np.int32).astype(np.int64))
+
+
+def _hits_by_counting(distance: torch.Tensor, query_codes: torch.Tensor,
+                      groups: _GalleryGroups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank of every positive without sorting indices: rank = 1 + the number of gallery items at
+    a strictly smaller distance.
+
+    With at most ``_MAX_COUNTING_POSITIVES`` positives per query (the hand protocols have one
+    gallery image per identity) the counts come from compare-and-count passes over each row;
+    with more, from binary search in each row's sorted values. Exact when no other item has
+    exactly a positive's distance; rows where one does are flagged ``tied`` (the stable tie rule
+    needs gallery indices there) and left to :func:`_hits_by_sorting`.
+    """
+    num_rows, num_gallery = distance.shape
+    if num_rows and _has_nan(distance):
         raise ValueError("distance contains NaN; cannot rank (diverged features?)")
+    num_pos = groups.counts[query_codes]
+    first_hit = torch.cumsum(num_pos, 0) - num_pos
+    rows = torch.repeat_interleave(torch.arange(num_rows, device=distance.device), num_pos)
+    within = torch.arange(rows.numel(), device=distance.device) - first_hit[rows]
+    cols = groups.order[groups.starts[query_codes][rows] + within]
+    thresholds = distance[rows, cols]
+    width = int(num_pos.max()) if num_rows else 0
+    tied = torch.zeros(num_rows, dtype=torch.bool, device=distance.device)
+    if width == 0:
+        return rows, cols + 1, tied
+    padded = torch.zeros((num_rows, width), dtype=distance.dtype, device=distance.device)
+    padded[rows, within] = thresholds
+    if width <= _MAX_COUNTING_POSITIVES:
+        below = torch.stack([_count_below(distance, padded[:, k:k + 1], inclusive=False)
+                             for k in range(width)], dim=1)[rows, within]
+        at_or_below = torch.stack([_count_below(distance, padded[:, k:k + 1], inclusive=True)
+                                   for k in range(width)], dim=1)[rows, within]
+        tied_hits = at_or_below - below > 1  # another item at exactly the positive's distance
+    else:
+        ordered = _sorted_rows(distance)
+        below = torch.searchsorted(ordered, padded)[rows, within]
+        # ordered[row, below] is the positive's own value; a tied item would sit right after.
+        after = ordered[rows, (below + 1).clamp(max=num_gallery - 1)]
+        tied_hits = (below + 1 < num_gallery) & (after == thresholds)
+    tied[rows[tied_hits]] = True
+    return rows, below + 1, tied
+
+
+def _hits_by_sorting(distance: torch.Tensor, query_codes: torch.Tensor,
+                     gallery_codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank of every positive from a stable argsort of each row (ties: lower gallery index
+    first). Hit coordinates come back in row-major order, sorted by rank within a row."""
     order = torch.sort(distance, dim=1, stable=True).indices
     matches = gallery_codes[order] == query_codes[:, None]
+    rows, cols = matches.nonzero(as_tuple=True)
+    return rows, cols + 1
 
-    # Hit coordinates come back in row-major order, so the hits of one query are contiguous and
-    # sorted by rank; everything below works on this sparse list, not on chunk x gallery arrays.
-    hit_rows, hit_cols = matches.nonzero(as_tuple=True)
-    num_pos = torch.bincount(hit_rows, minlength=distance.shape[0])
+
+def _chunk_statistics(distance: torch.Tensor, query_codes: torch.Tensor,
+                      gallery_codes: torch.Tensor, groups: _GalleryGroups, ap: str) -> dict:
+    """First-hit rank histogram, and AP and INP of each valid query of one chunk."""
+    num_rows, num_gallery = distance.shape
+    hit_rows, ranks, tied = _hits_by_counting(distance, query_codes, groups)
+    if bool(tied.any()):  # exact stable tie rule for the (rare) rows with equal distances
+        keep = ~tied[hit_rows]
+        tied_rows = tied.nonzero().squeeze(1)
+        sub_rows, sub_ranks = _hits_by_sorting(distance[tied_rows], query_codes[tied_rows],
+                                               gallery_codes)
+        hit_rows = torch.cat([hit_rows[keep], tied_rows[sub_rows]])
+        ranks = torch.cat([ranks[keep], sub_ranks])
+    # Hits grouped by row, sorted by rank within a row (ranks in a row are distinct).
+    order = torch.sort(hit_rows * (num_gallery + 1) + ranks).indices
+    hit_rows, ranks = hit_rows[order], ranks[order]
+    hit_cols = ranks - 1
+
+    num_pos = torch.bincount(hit_rows, minlength=num_rows)
     first_hit = torch.cumsum(num_pos, 0) - num_pos
     valid = num_pos > 0
 
-    hit_rank = (hit_cols + 1).to(torch.float64)
+    hit_rank = ranks.to(torch.float64)
     hit_ordinal = (torch.arange(hit_rows.numel(), device=hit_rows.device)
                    - first_hit[hit_rows] + 1).to(torch.float64)
     precision = hit_ordinal / hit_rank
@@ -154,14 +277,14 @@ def _chunk_statistics(distance: torch.Tensor, query_codes: torch.Tensor,
         previous_precision = torch.where(
             hit_rank > 1, (hit_ordinal - 1) / (hit_rank - 1).clamp(min=1), 1.0)
         hit_terms = (precision + previous_precision) / 2
-    ap_sums = torch.zeros(distance.shape[0], dtype=torch.float64, device=distance.device)
+    ap_sums = torch.zeros(num_rows, dtype=torch.float64, device=distance.device)
     ap_sums.index_add_(0, hit_rows, hit_terms)
 
     num_pos_valid = num_pos[valid].to(torch.float64)
     first_rank = hit_cols[first_hit[valid]]
     last_rank = hit_cols[first_hit[valid] + num_pos[valid] - 1] + 1
     return {
-        "first_rank_counts": torch.bincount(first_rank, minlength=distance.shape[1]),
+        "first_rank_counts": torch.bincount(first_rank, minlength=num_gallery),
         "ap": (ap_sums[valid] / num_pos_valid).cpu(),
         "inp": (num_pos_valid / last_rank).cpu(),
         "num_excluded": int((~valid).sum()),
@@ -180,13 +303,17 @@ def _rank_metrics_from_chunks(distance_chunks: Iterable[torch.Tensor], query_cod
     if max_rank is not None and (int(max_rank) != max_rank or max_rank < 1):
         raise ValueError(f"max_rank must be a positive integer or None, got {max_rank!r}")
     first_rank_counts = torch.zeros(num_gallery, dtype=torch.int64)
+    # Codes are 0..K-1 over query and gallery labels jointly (_encode_ids); the gallery is
+    # never empty (_check_id_lengths).
+    num_codes = int(torch.cat([query_codes, gallery_codes]).max()) + 1
+    groups = _GalleryGroups(gallery_codes, num_codes)
     # Per-query values are kept (8 B each) and summed once, so results do not depend on chunking.
     average_precisions, inverse_negative_penalties = [], []
     num_excluded = start = 0
     for chunk in distance_chunks:
         stop = start + chunk.shape[0]
         stats = _chunk_statistics(chunk, query_codes[start:stop].to(chunk.device),
-                                  gallery_codes.to(chunk.device), ap)
+                                  gallery_codes.to(chunk.device), groups.to(chunk.device), ap)
         first_rank_counts += stats["first_rank_counts"].cpu()
         average_precisions.append(stats["ap"])
         inverse_negative_penalties.append(stats["inp"])

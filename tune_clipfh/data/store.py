@@ -207,13 +207,12 @@ def _pad_crop(batch: torch.Tensor, pad: int, generator: torch.Generator) -> torc
     n, _, height, width = batch.shape
     padded = F.pad(batch, (pad, pad, pad, pad))
     offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device)
-    offsets = offsets.to(batch.device)
-    rows = offsets[0, :, None] + torch.arange(height, device=batch.device)
-    cols = offsets[1, :, None] + torch.arange(width, device=batch.device)
-    images = torch.arange(n, device=batch.device)[:, None, None]
-    # Advanced indices on dims 0, 2, 3 put the channel dim last: [B, H, W, C].
-    cropped = padded[images, :, rows[:, :, None], cols[:, None, :]]
-    return cropped.permute(0, 3, 1, 2).contiguous()
+    # One slice copy per image: ~10x faster on the CPU than one gather with advanced indices,
+    # which took most of the input pipeline's time (`tune-clipfh bench`, line 3).
+    cropped = torch.empty(batch.shape, dtype=batch.dtype, device=batch.device)
+    for image, (top, left) in enumerate(offsets.T.tolist()):
+        cropped[image] = padded[image, :, top:top + height, left:left + width]
+    return cropped
 
 
 def _erase(batch: torch.Tensor, probability: float, generator: torch.Generator) -> None:

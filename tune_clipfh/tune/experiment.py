@@ -198,23 +198,33 @@ def run_fixed_trials(trials: list[dict[str, Any]], options: ExperimentOptions, p
     from ray import tune
 
     storage, name = _storage_and_name(options, prefix)
-    path = Path(storage) / name
     shared = _prepare_shared_data(trials, options)
+    return _fit_experiment(
+        options, storage, name, {}, shared,
+        {"kind": "reproduce", "seeds": options.seeds, **meta},
+        param_space={"fixed": tune.grid_search(trials),
+                     "seed": tune.grid_search(list(range(options.seeds)))},
+        tune_config=_tune_config(max_concurrent_trials=options.max_concurrent))
+
+
+def _fit_experiment(options: ExperimentOptions, storage: str, name: str,
+                    base_knobs: dict[str, Any], shared: dict, meta: dict[str, Any],
+                    **tuner_kwargs: Any) -> Path:
+    """Start (or, with ``options.resume``, restore) one Tune experiment of the trainable, record
+    what it is next to Ray's own state, and run it to the end; returns its folder."""
+    from ray import tune
+
+    path = Path(storage) / name
     trainable = tune.with_resources(
-        tune.with_parameters(clipfh_trainable, base_knobs={}, **shared),
+        tune.with_parameters(clipfh_trainable, base_knobs=base_knobs, **shared),
         _resources(options))
     init_ray(options)
     if options.resume:
         tuner = _restore(path, trainable)
     else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"fixed": tune.grid_search(trials),
-                         "seed": tune.grid_search(list(range(options.seeds)))},
-            tune_config=_tune_config(max_concurrent_trials=options.max_concurrent),
-            run_config=_run_config(options, storage, name))
-    _write_meta(path, {"kind": "reproduce", "profile": options.profile,
-                       "seeds": options.seeds, "data_dir": shared["data_dir"], **meta})
+        tuner = tune.Tuner(trainable, run_config=_run_config(options, storage, name),
+                           **tuner_kwargs)
+    _write_meta(path, {"profile": options.profile, "data_dir": shared["data_dir"], **meta})
     tuner.fit()
     return path
 
@@ -258,7 +268,6 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
     """Optuna search on VALIDATION metrics, warm-started with the versions, ASHA early stop
     (``asha=False``: every trial runs to its own end; the benchmark's baseline)."""
     import optuna
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     if objective not in OBJECTIVES:
@@ -296,25 +305,14 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=metrics[-1], mode="max",
                               grace_period=asha_grace, reduction_factor=asha_reduction,
                               max_t=10_000) if asha else None
-    trainable = tune.with_resources(
-        tune.with_parameters(clipfh_trainable, base_knobs=base, **shared), _resources(options))
-    init_ray(options)
-    if options.resume:
-        tuner = _restore(path, trainable)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=_tune_config(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=num_samples,
-                                        max_concurrent_trials=options.max_concurrent or 2),
-            run_config=_run_config(options, storage, name))
-    _write_meta(path, {"kind": "search", "profile": options.profile, "backbone": backbone,
-                       "data_dir": shared["data_dir"],
-                       "objective": objective, "metrics": metrics, "num_samples": num_samples,
-                       "space": space.source, "optuna_storage": study_url,
-                       "study_name": name})
-    tuner.fit()
-    return path
+    return _fit_experiment(
+        options, storage, name, base, shared,
+        {"kind": "search", "backbone": backbone, "objective": objective, "metrics": metrics,
+         "num_samples": num_samples, "space": space.source, "optuna_storage": study_url,
+         "study_name": name},
+        tune_config=_tune_config(search_alg=searcher, scheduler=scheduler,
+                                 num_samples=num_samples,
+                                 max_concurrent_trials=options.max_concurrent or 2))
 
 
 def version_points(space: SearchSpace, backbone: str, profile: str) -> list[dict[str, Any]]:

@@ -1,0 +1,166 @@
+"""``tune-clipfh bench`` on tiny sizes: the cheap lines run, their figures are computed, the JSON
+report has its schema, and the CUDA step code runs on the CPU (tiny profile, one step, no AMP)
+so the GPU path is exercised where no GPU is. The Ray lines run in a slow test."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tune_clipfh import bench
+from tune_clipfh.cli import main
+from tune_clipfh.evaluation import rank_metrics
+
+TINY = bench.Settings(mode="test", eval_sizes=(200, 400), eval_loop_queries=100, eval_repeats=2,
+                      eval_memory_size=1500, eval_feature_dim=32, pipeline_epochs=1,
+                      prompt_epochs=2)
+ROW_KEYS = {"line", "key", "name", "value", "unit", "target", "target_op", "target_value",
+            "passed", "status", "note", "times"}
+STATUSES = {"pass", "fail", "info", "skip", "error"}
+
+
+def _check_schema(report: dict) -> None:
+    assert report["schema"] == bench.SCHEMA_VERSION
+    assert {"cpu", "cores", "torch", "load_average"} <= report["machine"].keys()
+    assert report["wall_s"] > 0
+    for row in report["rows"]:
+        assert set(row) == ROW_KEYS, row["key"]
+        assert row["status"] in STATUSES
+        assert row["key"].startswith(f"{row['line']}.")
+        if row["status"] in ("pass", "fail"):
+            assert row["passed"] is (row["status"] == "pass")
+            assert row["target_op"] in (">=", "<=", ">", "<")
+        if row["status"] == "skip":
+            assert row["note"].startswith("skipped: ")
+        assert all(isinstance(v, (int, float)) or v is None for v in row["times"].values())
+
+
+@pytest.fixture(scope="module")
+def cheap_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    lines: list[str] = []
+    report = bench.run_bench([1, 3, 4, 8], TINY, json_path=out, out=lines.append,
+                             log=lambda _: None)
+    return report, json.loads(out.read_text()), "\n".join(lines)
+
+
+def test_cheap_lines_report_and_json_schema(cheap_report):
+    report, written, printed = cheap_report
+    _check_schema(written)
+    assert written["lines"] == [1, 3, 4, 8] and written["mode"] == "test"
+    assert [row["key"] for row in written["rows"]] == [row["key"] for row in report["rows"]]
+    assert not [row for row in written["rows"] if row["status"] == "error"], printed
+    assert "load average at start" in printed and "benchmark" in printed
+
+
+def test_evaluator_rows_agree_and_compute_ratios(cheap_report):
+    rows = {row["key"]: row for row in cheap_report[1]["rows"]}
+    for size in TINY.eval_sizes:
+        for key in (f"1.speedup_{size}", f"1.speedup_{size}_multi"):
+            row = rows[key]
+            assert row["times"]["max_abs_diff"] <= 1e-12, row["note"]
+            assert row["value"] > 0 and math.isfinite(row["value"])
+            assert "scaled" in row["note"]  # the loop ran on 100 of the queries
+    assert rows[f"1.speedup_{TINY.eval_sizes[0]}"]["target_op"] == ">="
+    memory = rows["1.memory"]
+    assert memory["status"] == "pass" and 0 <= memory["value"] < 2
+
+
+def test_pipeline_and_prompt_rows_are_computed(cheap_report):
+    rows = {row["key"]: row for row in cheap_report[1]["rows"]}
+    share = rows["3.data_share"]
+    assert 0 < share["value"] < 100 and share["target_op"] == "<="
+    assert share["times"]["data_s"] < share["times"]["epoch_s"]
+    decode = rows["3.cache_speedup"]
+    assert decode["value"] > 0 and "pixels identical" in decode["note"]
+    prompt = rows["4.speedup"]
+    assert prompt["value"] > 0 and prompt["times"]["cached_epoch_s"] > 0
+
+
+def test_cuda_line_skips_cleanly_without_a_gpu(cheap_report):
+    rows = [row for row in cheap_report[1]["rows"] if row["line"] == 8]
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert len(rows) == 1
+    assert rows[0]["status"] == "skip" and rows[0]["note"] == "skipped: no CUDA device"
+    assert "skipped: no CUDA device" in cheap_report[2]
+
+
+def test_cuda_step_code_runs_on_cpu_tiny():
+    """The CUDA line's code (train step fp32 and bf16 autocast, FLOP count, extraction, rows)
+    with device=cpu on the tiny profile, one step each."""
+    settings = bench.Settings(mode="test", cuda_batch=4, cuda_steps=1, cuda_warmup=0)
+    ctx = bench.Context(settings)
+    try:
+        rows = bench.cuda_throughput(ctx, device=torch.device("cpu"), profile="tiny")
+    finally:
+        ctx.close()
+    assert [row.key for row in rows] == [
+        "8.train_vitb16_fp32", "8.train_vitb16_bf16", "8.extract_vitb16",
+        "8.train_rn50_fp32", "8.train_rn50_bf16", "8.extract_rn50"]
+    assert all(row.value > 0 for row in rows)
+    assert all(row.times["flops_per_step"] > 0 for row in rows if "train" in row.key)
+    assert "MFU n/a" in rows[0].note  # no peak known for "cpu"
+
+
+def test_reference_loop_matches_rank_metrics_with_ties():
+    rng = np.random.default_rng(5)
+    distance = rng.integers(0, 4, (60, 50)).astype(np.float32)  # many ties
+    query_ids = rng.integers(0, 6, 60)
+    gallery_ids = rng.integers(0, 6, 50)
+    expected = bench.reference_rank_metrics(distance, query_ids, gallery_ids)
+    got = rank_metrics(distance, query_ids, gallery_ids)
+    np.testing.assert_allclose(got["cmc"], expected["cmc"], atol=1e-12)
+    assert got["mAP"] == pytest.approx(expected["mAP"], abs=1e-12)
+    assert got["mINP"] == pytest.approx(expected["mINP"], abs=1e-12)
+
+
+def test_targets_and_table():
+    row = bench.make_row(1, "x", "speed", 25.0, "x", (">=", 20.0))
+    assert (row.passed, row.status, row.target) == (True, "pass", ">= 20")
+    assert bench.make_row(1, "x", "speed", 5.0, "x", (">=", 20.0)).status == "fail"
+    assert bench.make_row(1, "x", "speed", None, "x", (">=", 20.0)).status == "fail"
+    assert bench.make_row(7, "y", "info", 3.0, "%").status == "info"
+    table = bench.format_table([row, bench.skipped_row(8, "cuda", "CUDA", "no CUDA device")])
+    lines = table.splitlines()
+    assert "PASS" in table and "skip" in table and "25.00x" in table
+    header = next(line for line in lines if line.startswith("#"))
+    assert len({len(line) for line in lines[1:5] if line.strip()}) == 1, header
+
+
+def test_parse_lines_and_cli_errors(capsys):
+    assert bench.parse_lines(None) == list(bench.ALL_LINES)
+    assert bench.parse_lines("3, 1,3") == [1, 3]
+    assert main(["bench", "--only", "9"]) == 2
+    assert "not a benchmark line" in capsys.readouterr().err
+
+
+def test_driver_growth_slope():
+    sampler = bench.ProcessSampler()
+    sampler.driver = [(float(t), 1000 + 10 * t) for t in range(100)]
+    completions = [float(t) for t in range(0, 100, 10)]
+    assert bench.driver_growth_per_trial(sampler, completions) == pytest.approx(100.0)
+
+
+@pytest.mark.slow
+def test_ray_lines_tiny(ray_session, tmp_path, capsys):
+    """Lines 2, 5, 6 and 7 on one-epoch trials (minutes): rows computed, no errors, and Ray's
+    experiment banners kept off stdout (where the table goes)."""
+    settings = bench.Settings(mode="test", overhead_seconds=3.0, overhead_repeats=1,
+                              concurrency_trials=2, concurrency_epochs=(1, 1), memory_trials=4,
+                              search_budget=2, search_epochs=(1, 1, 3))
+    out = tmp_path / "bench.json"
+    report = bench.run_bench([2, 5, 6, 7], settings, json_path=out, out=lambda _: None,
+                             log=lambda _: None)
+    _check_schema(json.loads(out.read_text()))
+    assert "Configuration for experiment" not in capsys.readouterr().out
+    rows = {row["key"]: row for row in report["rows"]}
+    assert not [k for k, row in rows.items() if row["status"] == "error"], rows
+    assert rows["2.ratio"]["value"] > 0 and rows["5.ratio"]["value"] > 0
+    assert 0 < rows["2.worker_start"]["times"]["import_s"] <= rows["2.worker_start"]["value"]
+    assert rows["6.trial_peak"]["value"] > 0
+    assert {"7.versions", "7.random", "7.tpe", "7.tpe_asha", "7.asha_saving"} <= rows.keys()
