@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -115,6 +116,22 @@ class Drivers:
                                     start_new_session=True)
         self.procs.append(proc)
         return proc
+
+    def run_for_result(self, argv: list[str], log: Path, timeout: float,
+                       what: str) -> tuple[dict, str]:
+        """Run a driver script to its end; return the JSON of its last ``RESULT {...}`` line
+        and its whole log. Fails the test on a timeout, a non-zero exit or no result."""
+        proc = self.start(argv, log)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{what} timed out:\n{log.read_text()[-4000:]}")
+        finally:
+            self.kill(proc)
+        text = log.read_text()
+        lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, text[-4000:]
+        return json.loads(lines[-1][len("RESULT "):]), text
 
     def kill(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
         pids = _descendants(proc.pid)

@@ -30,30 +30,9 @@ from tune_clipfh.data import (
 )
 from tune_clipfh.data import store as store_module
 
-COLUMNS = [
-    "id",
-    "age",
-    "gender",
-    "skinColor",
-    "accessories",
-    "nailPolish",
-    "aspectOfHand",
-    "imageName",
-    "irregularities",
-]
+from handinfo_csv import COLUMNS, read_rows, write_rows
+
 SMALL = {"identities": 12, "images_per_identity": 4, "image_size": (64, 48), "progress": False}
-
-
-def read_rows(src: Path) -> list[dict]:
-    with (src / "HandInfo.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def write_rows(src: Path, rows: list[dict], columns=COLUMNS) -> None:
-    with (src / "HandInfo.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def dorsal_right_files(src: Path) -> dict[str, list[str]]:

@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import ast
-import csv
 import json
 import math
 import os
@@ -45,6 +44,8 @@ from PIL import Image
 
 from tune_clipfh.cli import main
 from tune_clipfh.data import load_manifest, prepare_11k, synthesize
+
+from handinfo_csv import COLUMNS, read_rows, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tune_clipfh"
@@ -149,22 +150,6 @@ def _versions_case(entries: str, message: str):
     return setup
 
 
-HANDINFO_COLUMNS = ["id", "age", "gender", "skinColor", "accessories", "nailPolish",
-                    "aspectOfHand", "imageName", "irregularities"]
-
-
-def _rows(src: Path) -> list[dict]:
-    with (src / "HandInfo.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def _write_rows(src: Path, rows: list[dict], columns=HANDINFO_COLUMNS) -> None:
-    with (src / "HandInfo.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _prepare_argv(src: Path, out: Path) -> list[str]:
     return ["data", "prepare", "--src", str(src), "--aspect", "dorsal_r", "--out", str(out)]
 
@@ -186,44 +171,44 @@ def _no_csv(src: Path) -> str:
 
 
 def _missing_column(src: Path) -> str:
-    _write_rows(src, _rows(src), [c for c in HANDINFO_COLUMNS if c != "aspectOfHand"])
+    write_rows(src, read_rows(src), [c for c in COLUMNS if c != "aspectOfHand"])
     return (f"{src / 'HandInfo.csv'}: missing column(s) aspectOfHand; an 11k HandInfo.csv needs "
             f"id, accessories, aspectOfHand, imageName")
 
 
 def _no_dorsal_right(src: Path) -> str:
-    rows = [r for r in _rows(src) if r["aspectOfHand"] != "dorsal right"]
-    _write_rows(src, rows)
+    rows = [r for r in read_rows(src) if r["aspectOfHand"] != "dorsal right"]
+    write_rows(src, rows)
     return (f"{src / 'HandInfo.csv'}: no row has aspectOfHand 'dorsal right' and accessories 0 "
             f"({len(rows)} rows read), so aspect dorsal_r has no identities to prepare")
 
 
 def _one_image_each(src: Path) -> str:
     rows, seen = [], set()
-    for row in _rows(src):
+    for row in read_rows(src):
         key = (row["id"], row["aspectOfHand"], row["accessories"])
         if row["aspectOfHand"] == "dorsal right" and key in seen:
             continue
         seen.add(key)
         rows.append(row)
-    _write_rows(src, rows)
+    write_rows(src, rows)
     return (f"{src / 'HandInfo.csv'}: no identity has 2 usable images (12 identities with fewer "
             f"were dropped, 0 image files skipped); a query/gallery pair needs 2 images of one "
             f"identity")
 
 
 def _escaping_image_name(src: Path) -> str:
-    rows = _rows(src)
+    rows = read_rows(src)
     rows[3]["imageName"] = "../../secret.jpg"
-    _write_rows(src, rows)
+    write_rows(src, rows)
     return (f"{src / 'HandInfo.csv'}: line 5: column 'imageName' is '../../secret.jpg'; it must "
             f"be a relative path inside Hands/ (no absolute path, no '..')")
 
 
 def _absolute_image_name(src: Path) -> str:
-    rows = _rows(src)
+    rows = read_rows(src)
     rows[0]["imageName"] = "/etc/passwd"
-    _write_rows(src, rows)
+    write_rows(src, rows)
     return (f"{src / 'HandInfo.csv'}: line 2: column 'imageName' is '/etc/passwd'; it must "
             f"be a relative path inside Hands/ (no absolute path, no '..')")
 
@@ -412,7 +397,7 @@ def test_bad_input_table_covers_the_issue():
 
 def _dorsal_right(src: Path) -> dict[str, list[str]]:
     files: dict[str, list[str]] = {}
-    for row in _rows(src):
+    for row in read_rows(src):
         if row["aspectOfHand"] == "dorsal right" and row["accessories"] == "0":
             files.setdefault(row["id"], []).append(row["imageName"])
     return files
@@ -1009,19 +994,9 @@ def test_trials_of_a_removed_worker_node_are_rescheduled_and_the_search_complete
         small_data, tmp_path, drivers):
     script = _write(tmp_path / "node_loss.py", NODE_LOSS_SCRIPT)
     space = _write(tmp_path / "space.yaml", NODE_LOSS_SPACE)
-    log = tmp_path / "cluster.log"
-    proc = drivers.start([sys.executable, str(script), str(tmp_path / "ray"), str(space),
-                          str(small_data)], log)
-    try:
-        proc.wait(timeout=420)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"node-removal run timed out:\n{log.read_text()[-4000:]}")
-    finally:
-        drivers.kill(proc)
-    text = log.read_text()
-    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, text[-4000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result, text = drivers.run_for_result(
+        [sys.executable, str(script), str(tmp_path / "ray"), str(space), str(small_data)],
+        tmp_path / "cluster.log", 420, "node-removal run")
     head, worker = result["head"], result["worker"]
     moved = result["removed"].get("trial_id")
     assert moved, f"no trial ran on the worker node:\n{text[-4000:]}"

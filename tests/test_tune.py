@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -496,18 +495,8 @@ finally:
 @pytest.mark.slow
 def test_trials_spread_over_two_nodes(tmp_path, drivers):
     script = _write(tmp_path / "two_nodes.py", CLUSTER_SCRIPT)
-    log = tmp_path / "cluster.log"
-    proc = drivers.start([sys.executable, str(script), str(tmp_path / "ray")], log)
-    try:
-        proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"two-node run timed out:\n{log.read_text()[-4000:]}")
-    finally:
-        drivers.kill(proc)
-    text = log.read_text()
-    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, text[-4000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result, _ = drivers.run_for_result([sys.executable, str(script), str(tmp_path / "ray")],
+                                       tmp_path / "cluster.log", 300, "two-node run")
     assert len(result["nodes"]) == 2
     assert result["final"] == [1, 1]
     assert set(result["node_ids"]) == set(result["nodes"])

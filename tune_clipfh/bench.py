@@ -99,7 +99,8 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(
-    mode="quick", eval_loop_queries=1000, eval_repeats=3, overhead_repeats=1, pipeline_epochs=3, prompt_epochs=3, concurrency_trials=2,
+    mode="quick", eval_loop_queries=1000, eval_repeats=3, overhead_repeats=1, pipeline_epochs=3,
+    prompt_epochs=3, concurrency_trials=2,
     concurrency_epochs=(1, 3), memory_trials=10, search_budget=4, search_epochs=(1, 2, 3),
     cuda_steps=5, cuda_warmup=2)
 
@@ -785,7 +786,7 @@ def line_input_pipeline(ctx: Context) -> list[Row]:
 # ------------------------------------------------------------------------------------------
 
 
-def prompt_cache(ctx: Context) -> Row:
+def prompt_cache(ctx: Context) -> list[Row]:
     """Prompt-stage epoch time with the cached frozen image features vs encoding the images
     again every epoch (what an uncached loop does)."""
     from .train.stages import Trainer
@@ -810,15 +811,11 @@ def prompt_cache(ctx: Context) -> Row:
     # The first epoch of the cached run is preceded by the one-time encoding (not in it).
     cached = statistics.median(times["cached"])
     reencode = statistics.median(times["reencode"])
-    return make_row(4, "speedup", "prompt stage: cached features vs re-encoding", reencode / cached,
-                    "x", (">=", 1.5),
-                    f"median epoch of {epochs}; {len(data.train_rows)} training images, tiny "
-                    f"ViT image tower, 1 thread; the cache is built once per run",
-                    {"cached_epoch_s": cached, "reencode_epoch_s": reencode})
-
-
-def line_prompt_stage(ctx: Context) -> list[Row]:
-    return [prompt_cache(ctx)]
+    return [make_row(4, "speedup", "prompt stage: cached features vs re-encoding",
+                     reencode / cached, "x", (">=", 1.5),
+                     f"median epoch of {epochs}; {len(data.train_rows)} training images, tiny "
+                     f"ViT image tower, 1 thread; the cache is built once per run",
+                     {"cached_epoch_s": cached, "reencode_epoch_s": reencode})]
 
 
 # ------------------------------------------------------------------------------------------
@@ -826,7 +823,7 @@ def line_prompt_stage(ctx: Context) -> list[Row]:
 # ------------------------------------------------------------------------------------------
 
 
-def concurrency(ctx: Context) -> Row:
+def concurrency(ctx: Context) -> list[Row]:
     """Trials/hour of two 1-CPU trials at once vs 2-CPU trials one after the other.
 
     The value is the steady-state ratio, from the trials' own run times (what a long search
@@ -851,7 +848,7 @@ def concurrency(ctx: Context) -> Row:
     # progress side by side.
     choice = ("--cpus-per-trial 1 --max-concurrent 2" if ratio >= 0.9
               else "--cpus-per-trial 2 --max-concurrent 1")
-    return make_row(
+    return [make_row(
         5, "ratio", "concurrency: trials/h, 2 x 1-CPU at once / 1 x 2-CPU in turn", ratio, "x",
         None,
         f"{trials} trials of {prompt}+{image} epochs each way; a trial runs "
@@ -862,11 +859,7 @@ def concurrency(ctx: Context) -> Row:
         {"concurrent_s": concurrent_s, "sequential_s": sequential_s,
          "trial_concurrent_s": per_trial_concurrent, "trial_sequential_s": per_trial_sequential,
          "trials_per_hour_concurrent": per_hour_concurrent,
-         "trials_per_hour_sequential": per_hour_sequential})
-
-
-def line_concurrency(ctx: Context) -> list[Row]:
-    return [concurrency(ctx)]
+         "trials_per_hour_sequential": per_hour_sequential})]
 
 
 # ------------------------------------------------------------------------------------------
@@ -931,10 +924,6 @@ def search_memory(ctx: Context) -> list[Row]:
                  {"search_s": seconds, "driver_start_bytes": driver_start,
                   "driver_peak_bytes": driver_peak, "ray_total_peak_bytes": sampler.total_peak}),
     ]
-
-
-def line_memory(ctx: Context) -> list[Row]:
-    return search_memory(ctx)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1041,10 +1030,6 @@ def search_efficiency(ctx: Context) -> list[Row]:
          "total_saved_percent": total_saved or 0.0,
          "to_level_saved_percent": to_level_saved if to_level_saved is not None else 0.0}))
     return rows
-
-
-def line_search(ctx: Context) -> list[Row]:
-    return search_efficiency(ctx)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1205,10 +1190,6 @@ def cuda_throughput(ctx: Context, device=None, profile: str = "full") -> list[Ro
     return rows
 
 
-def line_cuda(ctx: Context) -> list[Row]:
-    return cuda_throughput(ctx)
-
-
 # ------------------------------------------------------------------------------------------
 # Runner, table, JSON
 # ------------------------------------------------------------------------------------------
@@ -1216,8 +1197,8 @@ def line_cuda(ctx: Context) -> list[Row]:
 LINE_TITLES = {1: "evaluator", 2: "Tune overhead", 3: "input pipeline", 4: "prompt stage",
                5: "concurrency", 6: "memory", 7: "search efficiency", 8: "CUDA throughput"}
 LINES: dict[int, Callable[[Context], list[Row]]] = {
-    1: line_evaluator, 2: line_tune_overhead, 3: line_input_pipeline, 4: line_prompt_stage,
-    5: line_concurrency, 6: line_memory, 7: line_search, 8: line_cuda}
+    1: line_evaluator, 2: line_tune_overhead, 3: line_input_pipeline, 4: prompt_cache,
+    5: concurrency, 6: search_memory, 7: search_efficiency, 8: cuda_throughput}
 
 
 def parse_lines(text: str | None) -> list[int]:

@@ -261,7 +261,6 @@ def _chunk_statistics(distance: torch.Tensor, query_codes: torch.Tensor,
     # Hits grouped by row, sorted by rank within a row (ranks in a row are distinct).
     order = torch.sort(hit_rows * (num_gallery + 1) + ranks).indices
     hit_rows, ranks = hit_rows[order], ranks[order]
-    hit_cols = ranks - 1
 
     num_pos = torch.bincount(hit_rows, minlength=num_rows)
     first_hit = torch.cumsum(num_pos, 0) - num_pos
@@ -281,10 +280,11 @@ def _chunk_statistics(distance: torch.Tensor, query_codes: torch.Tensor,
     ap_sums.index_add_(0, hit_rows, hit_terms)
 
     num_pos_valid = num_pos[valid].to(torch.float64)
-    first_rank = hit_cols[first_hit[valid]]
-    last_rank = hit_cols[first_hit[valid] + num_pos[valid] - 1] + 1
+    first_rank = ranks[first_hit[valid]]
+    last_rank = ranks[first_hit[valid] + num_pos[valid] - 1]
     return {
-        "first_rank_counts": torch.bincount(first_rank, minlength=num_gallery),
+        # Counted by 0-based position: index k holds the queries first matched at rank k + 1.
+        "first_rank_counts": torch.bincount(first_rank - 1, minlength=num_gallery),
         "ap": (ap_sums[valid] / num_pos_valid).cpu(),
         "inp": (num_pos_valid / last_rank).cpu(),
         "num_excluded": int((~valid).sum()),
