@@ -2,17 +2,23 @@
 profile overlay, deltas, and one-line errors for bad versions files."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import yaml
 
+import tune_clipfh.resources
 from tune_clipfh.config import ConfigError, build_config
 from tune_clipfh.tune.versions import (
+    VERSIONS_AS_RUN_FILE,
     VERSIONS_FILE,
     format_versions,
     load_versions,
     version_config,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Written from upstream_stage2_spec.md 3.6 / 5.2 / 5.3 (and the thesis remarks), not from the
 # YAML: the stated knobs with the correct implementation. Rates are the effective group rates
@@ -200,8 +206,13 @@ def test_formats(full):
         format_versions(items, "csv")
 
 
-def test_default_file_is_the_repository_one():
-    assert VERSIONS_FILE.is_file() and VERSIONS_FILE.parent.name == "search_spaces"
+def test_default_files_are_the_shipped_ones_and_the_checkout_links_to_them():
+    """Read from the package (so a wheel has them); search_spaces/ of a checkout is the same
+    file, not a copy (tests/test_packaging.py checks every shipped file)."""
+    shipped = Path(tune_clipfh.resources.__file__).parent / "search_spaces"
+    for path in (VERSIONS_FILE, VERSIONS_AS_RUN_FILE):
+        assert path.is_file() and path.parent == shipped
+        assert os.path.samefile(path, REPO / "search_spaces" / path.name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -231,8 +242,8 @@ def _write(tmp_path, backbones, profiles=None, text=None):
      "[rn50 v2]: key 'unfreeze_blocks': 12 is out of range for model rn50"),
     ({"rn50": {"v1": {**GOOD, "set": {"model": "vitb16"}}}},
      "[rn50 v1]: key 'model' cannot be set here: the backbone section names the model"),
-    ({"vit": {"v1": GOOD}},
-     "[vit]: unknown backbone (did you mean 'vitb16'?) (valid: vitb16, rn50)"),
+    ({"vitb61": {"v1": GOOD}},  # (valid: ...) lists every registered backbone
+     "[vitb61]: unknown backbone (did you mean 'vitb16'?) (valid: vitb16, rn50"),
     ({"vitb16": {"v1": {**GOOD, "notes": "x"}}},
      "[vitb16 v1]: unknown entry key 'notes' (did you mean 'note'?)"),
     ({"vitb16": {"v1": {"note": "x"}}}, "[vitb16 v1]: 'thesis_run' must be true or false"),
@@ -243,6 +254,14 @@ def test_bad_versions_files_give_one_line_errors(tmp_path, backbones, message):
         load_versions(path)
     assert str(error.value).startswith(str(path)) and message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_unknown_section_is_the_check_search_spaces_share(tmp_path):
+    path = _write(tmp_path, {}, text="comon: {epochs_image: 1}\nbackbones: {}\n")
+    with pytest.raises(ConfigError) as error:
+        load_versions(path)
+    assert str(error.value) == (f"{path}: section 'comon' is not valid (did you mean "
+                                f"'common'?) (valid: extends, common, profiles, backbones)")
 
 
 def test_unknown_profile_and_malformed_yaml(tmp_path):

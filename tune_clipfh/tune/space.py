@@ -13,9 +13,12 @@ from typing import Any
 
 import optuna
 
-from ..config import FIELDS, ConfigError, read_yaml, suggest
+from ..config import FIELDS, ConfigError, suggest
+from ..resources import SEARCH_SPACES, resource_path
+from ._yaml import read_sections
 
-SEARCH_SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+# Shipped in the package (search_spaces/ in a checkout links there).
+SEARCH_SPACES_DIR = resource_path(SEARCH_SPACES)
 DEFAULT_SPACE = SEARCH_SPACES_DIR / "beyond_v10.yaml"
 PARAM_TYPES = ("float", "int", "categorical")
 SECTIONS = ("base", "parameters", "profiles", "backbones")
@@ -144,11 +147,7 @@ def load_space(path: str | Path | None = None, profile: str = "full",
     """Read and validate a search-space file with its profile and backbone overlays."""
     path = Path(path) if path is not None else DEFAULT_SPACE
     source = str(path)
-    data = read_yaml(path)
-    for key in data:
-        if key not in SECTIONS:
-            raise ConfigError(f"{source}: section '{key}' is not valid (valid: "
-                              f"{', '.join(SECTIONS)}){suggest(str(key), SECTIONS)}")
+    data = read_sections(path, SECTIONS)
     base = dict(data.get("base") or {})
     specs: dict[str, Any] = dict(data.get("parameters") or {})
     # Backbone first, then profile: a profile's ranges (tiny: train from scratch) win.

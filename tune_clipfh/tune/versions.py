@@ -1,8 +1,9 @@
 """The thesis's hand-tuned Stage-2 versions (v1-v10) per backbone, read from a YAML data file.
 
-The file (default ``search_spaces/versions.yaml``) has three sections: ``common`` knobs,
-``profiles`` (overlays per profile) and ``backbones`` (per backbone, the versions in order, each
-with ``inherits``, ``thesis_run``, ``note`` and the knobs it ``set``s). A version resolves to
+The file (default: the shipped ``search_spaces/versions.yaml``, see :mod:`tune_clipfh.resources`)
+has three sections: ``common`` knobs, ``profiles`` (overlays per profile) and ``backbones`` (per
+backbone, the versions in order, each with ``inherits``, ``thesis_run``, ``note`` and the knobs
+it ``set``s). A version resolves to
 RunConfig defaults <- common <- the ``set`` of every version on its inheritance chain, root first
 <- its model and run name <- the profile overlay, and is validated by :func:`build_config`, so an
 invalid value is reported with the file, backbone and version named.
@@ -19,18 +20,20 @@ from typing import Any
 import yaml
 
 from ..config import (
-    BACKBONE_BLOCKS,
+    BACKBONES,
     FIELDS,
     IGNORED_UPSTREAM_KEYS,
     ConfigError,
     RunConfig,
     build_config,
-    read_yaml,
     suggest,
 )
+from ..resources import SEARCH_SPACES, resource_path
+from ._yaml import read_sections
 
-VERSIONS_FILE = Path(__file__).resolve().parents[2] / "search_spaces" / "versions.yaml"
-VERSIONS_AS_RUN_FILE = VERSIONS_FILE.with_name("versions_as_run.yaml")
+# Shipped in the package (search_spaces/ in a checkout links there).
+VERSIONS_FILE = resource_path(SEARCH_SPACES, "versions.yaml")
+VERSIONS_AS_RUN_FILE = resource_path(SEARCH_SPACES, "versions_as_run.yaml")
 SECTIONS = ("extends", "common", "profiles", "backbones")
 ENTRY_KEYS = ("inherits", "thesis_run", "note", "set")
 RESERVED_KNOBS = {"model": "the backbone section names the model",
@@ -59,11 +62,7 @@ def load_versions(path: str | Path | None = None,
                   profile: str = "full") -> dict[str, dict[str, ResolvedVersion]]:
     """backbone -> version (file order) -> resolved version, in ``profile``."""
     path = _path(path)
-    data = read_yaml(path)
-    for key in data:
-        if key not in SECTIONS:
-            raise ConfigError(f"{path}: unknown section '{key}'{suggest(str(key), SECTIONS)} "
-                              f"(valid: {', '.join(SECTIONS)})")
+    data = read_sections(path, SECTIONS)
     common = _knobs(data.get("common") or {}, f"{path} [common]")
     profiles = _mapping(data.get("profiles") or {}, f"{path} [profiles]")
     if profile not in profiles:
@@ -167,9 +166,9 @@ def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str
                       base: dict[str, ResolvedVersion] | None = None
                       ) -> dict[str, ResolvedVersion]:
     where = f"{path} [{backbone}]"
-    if backbone not in BACKBONE_BLOCKS:
-        raise ConfigError(f"{where}: unknown backbone{suggest(backbone, BACKBONE_BLOCKS)} "
-                          f"(valid: {', '.join(BACKBONE_BLOCKS)})")
+    if backbone not in BACKBONES:
+        raise ConfigError(f"{where}: unknown backbone{suggest(backbone, BACKBONES)} "
+                          f"(valid: {', '.join(BACKBONES)})")
     entries = {str(version): _entry(entry, f"{path} [{backbone} {version}]")
                for version, entry in _mapping(versions, where).items()}
     resolved: dict[str, ResolvedVersion] = {}
