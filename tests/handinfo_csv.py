@@ -22,3 +22,12 @@ def write_rows(src: Path, rows: list[dict], columns=COLUMNS) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def dorsal_right_files(src: Path) -> dict[str, list[str]]:
+    """identity -> image names of the usable (accessories 0) dorsal-right rows, in CSV order."""
+    files: dict[str, list[str]] = {}
+    for row in read_rows(src):
+        if row["aspectOfHand"] == "dorsal right" and row["accessories"] == "0":
+            files.setdefault(row["id"], []).append(row["imageName"])
+    return files

@@ -1,6 +1,7 @@
 """The run-config schema: round trips, upstream files, and one-line errors for bad input."""
 
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -32,6 +33,105 @@ def test_upstream_format_loads_as_is_and_reports_ignored_keys(path):
     assert isinstance(config.lr_visual, float)  # "1e-5" is a string to YAML 1.1
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
+VERBATIM = {  # the upstream files as committed (tests/fixtures/upstream/README.md)
+    "vitb16": FIXTURES / "train_joint_vitb16_11k_dorsal_r.yml",
+    "rn50": FIXTURES / "train_joint_rn50_11k_dorsal_r.yml",
+}
+UPSTREAM_VALUES = {
+    "rn50": {  # v10, the RN50 file at upstream HEAD
+        "experiment": "stage2_clipreid", "model": "rn50", "dataset": "11k",
+        "aspect": "dorsal_r", "n_ctx": 12, "ctx_init": None, "freeze_prompt": False,
+        "freeze_text_encoder": True, "stage_mode": "prompt_then_image", "epochs_prompt": 30,
+        "epochs_image": 30, "early_stop_patience": 5, "lr": 1e-5, "weight_decay": 5e-4,
+        "center_lr": 0.5, "center_loss_weight": 3e-4, "id_head": "arcface",
+        "arcface_scale": 30.0, "arcface_margin": 0.4, "lr_visual": 7e-5, "lr_prompt": 1e-4,
+        "lr_text": 5e-6, "weight_decay_prompt": 5e-4, "weight_decay_visual": 5e-4,
+        "weight_decay_text": 5e-4, "loss_use_supcon": True, "loss_use_triplet": True,
+        "loss_use_center": True, "loss_use_id": True, "unfreeze_blocks": 4, "batch_size": 32,
+        "output_dir": "train_logs/",
+        "prompt_template": "A photo of {ctx}'s {aspect} hand for identification.",
+        "prompt_template_list": ["A photo of a {ctx} hand.", "A close-up of the {ctx} of a person.",
+                                 "{ctx} hand image.", "An image showing a {ctx}."],
+    },
+    "vitb16": {  # an April state of the ViT file
+        "experiment": "stage2_joint_vitb16_11k_dorsal_r", "model": "vitb16", "n_ctx": 8,
+        "ctx_init": None, "freeze_prompt": False, "freeze_text_encoder": True,
+        "epochs_prompt": 10, "epochs_image": 10, "lr": 1e-4, "weight_decay": 5e-4,
+        "center_lr": 0.5, "center_loss_weight": 5e-4, "id_head": "arcface",
+        "arcface_scale": 30.0, "arcface_margin": 0.5, "batch_size": 32,
+        "prompt_template": "A photo of {ctx}'s {aspect} hand for identification.",
+        "prompt_template_list": None,
+    },
+}
+
+
+def test_upstream_fixtures_keep_upstream_yaml_forms():
+    rn50 = read_yaml(VERBATIM["rn50"])
+    assert rn50["lr"] == "1e-5"  # YAML 1.1: a string, as upstream's loader saw it
+    assert rn50["arcface_scale"] == 30 and isinstance(rn50["arcface_scale"], int)
+    assert rn50["prompt_template_list"][0] == "A photo of a X X X X hand."
+    assert "weight_decay" not in rn50  # commented out upstream
+    assert read_yaml(VERBATIM["vitb16"])["ctx_init"] == "a hand"
+
+
+@pytest.mark.parametrize("backbone", sorted(VERBATIM))
+def test_upstream_files_load_verbatim_with_upstream_values(backbone):
+    loaded = load_config(VERBATIM[backbone])
+    config, notes = loaded.config, loaded.notes
+    for key, value in UPSTREAM_VALUES[backbone].items():
+        assert getattr(config, key) == pytest.approx(value) if isinstance(value, float) \
+            else getattr(config, key) == value, key
+    assert isinstance(config.lr, float)
+    assert config.use_arcface and config.loss_use_arcface
+    ignored = {note.split("'")[1] for note in notes if "accepted and ignored" in note}
+    expected = {"loss_list", "shuffle", "pin_memory", "num_workers", "save_dir"}
+    expected |= {"log_dir"} if backbone == "rn50" else {"ctx_init"}
+    assert ignored == expected
+    assert all(note.startswith(f"{VERBATIM[backbone]}: ") and "\n" not in note for note in notes)
+    assert any("'prompt_template': upstream's '{}' read as" in note for note in notes)
+
+
+def test_upstream_template_list_is_translated_and_noted():
+    notes = load_config(VERBATIM["rn50"]).notes
+    assert any("'prompt_template_list': upstream's 'X X X X' and '{}' read as the identity "
+               "context placeholder {ctx}" in note for note in notes)
+    assert any("'prompt_template_list': upstream's list had no effect in any run" in note
+               for note in notes)
+
+
+def test_upstream_ctx_init_that_cannot_fill_n_ctx_is_ignored_with_its_reason():
+    notes = load_config(VERBATIM["vitb16"]).notes
+    assert any("'ctx_init' 'a hand' accepted and ignored: upstream never used it" in note
+               and "n_ctx 8" in note for note in notes)
+    kept = build_config({"n_ctx": 2, "ctx_init": "a hand"})
+    assert kept.config.ctx_init == "a hand" and kept.notes == []
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("A photo of a X X X X hand.", "A photo of a {ctx} hand."),
+    ("X hand image.", "{ctx} hand image."),
+    ("A photo of a {ctx} X hand.", "A photo of a {ctx} X hand."),  # ours: left alone
+])
+def test_run_of_xs_reads_as_the_context_placeholder(template, expected):
+    assert build_config({"prompt_template": template}).config.prompt_template == expected
+
+
+@pytest.mark.parametrize("template", ["A X X photo of X X hands.", "An X-ray of a hand.",
+                                      "A photo of XX hands."])
+def test_templates_without_one_clear_placeholder_are_still_refused(template):
+    with pytest.raises(ConfigError, match="key 'prompt_template_list': .* must contain"):
+        build_config({"prompt_template_list": [template]})
+
+
+def test_cli_config_check_accepts_the_verbatim_upstream_files(capsys):
+    for backbone, path in VERBATIM.items():
+        assert main(["config", "check", str(path)]) == 0
+        captured = capsys.readouterr()
+        assert yaml.safe_load(captured.out)["model"] == backbone
+        assert captured.err.strip().splitlines()[-1] == f"# {path}: valid"
+
+
 def test_set_overrides_apply_with_yaml_scalars():
     config = load_config("configs/tiny_synthetic.yaml",
                          ["lr_visual=2e-5", "loss_use_center=true", "ctx_init=null"]).config
@@ -56,7 +156,7 @@ def test_group_rates_fall_back_to_lr():
     ({"arcface_margin": -0.1}, "key 'arcface_margin': -0.1 is out of range"),
     ({"n_ctx": "four"}, "key 'n_ctx': expected an integer, got 'four'"),
     ({"loss_use_triplet": "yes please"}, "key 'loss_use_triplet': expected true or false"),
-    ({"model": "vit"}, "key 'model': 'vit' is not valid (valid: vitb16, rn50)"),
+    ({"model": "vit"}, "key 'model': 'vit' is not valid (valid: vitb16, rn50"),  # + registry
     ({"batch_size": 30, "pk_k": 4}, "key 'pk_k': P x K sampling needs batch_size divisible by "
                                     "pk_k (batch_size 30, pk_k 4)"),
     ({"stage_mode": "prompt_only", "epochs_prompt": 0}, "key 'epochs_prompt': stage_mode "

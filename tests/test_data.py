@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tune_clipfh.cli import main
 from tune_clipfh.data import (
     CLIP_MEAN,
     CLIP_STD,
@@ -20,6 +22,8 @@ from tune_clipfh.data import (
     ImageStore,
     PKSampler,
     RandomBatchSampler,
+    Sample,
+    _splits,
     augment,
     load_manifest,
     normalize,
@@ -27,21 +31,15 @@ from tune_clipfh.data import (
     prepare_hd,
     save_manifest,
     synthesize,
+    upstream_training_view,
 )
 from tune_clipfh.data import store as store_module
+from tune_clipfh.data.prepared import identity_set_for, load_prepared
+from tune_clipfh.errors import UserError
 
-from handinfo_csv import COLUMNS, read_rows, write_rows
+from handinfo_csv import COLUMNS, dorsal_right_files, read_rows, write_rows
 
 SMALL = {"identities": 12, "images_per_identity": 4, "image_size": (64, 48), "progress": False}
-
-
-def dorsal_right_files(src: Path) -> dict[str, list[str]]:
-    """identity -> image names of usable dorsal-right rows."""
-    files: dict[str, list[str]] = {}
-    for row in read_rows(src):
-        if row["aspectOfHand"] == "dorsal right" and row["accessories"] == "0":
-            files.setdefault(row["id"], []).append(row["imageName"])
-    return files
 
 
 def ids(samples) -> set[str]:
@@ -230,7 +228,8 @@ def test_image_names_leaving_the_dataset_are_refused(own_src, tmp_path, image_na
     [
         ({"aspect": "dorsal"}, "dorsal_r, dorsal_l, palmar_r, palmar_l"),
         ({"identity_split": "random"}, "half, upstream"),
-        ({"val_fraction": 1.5}, r"\[0, 1\)"),
+        ({"val_fraction": 1.5}, r"\(0, 1\)"),
+        ({"identity_set": "everything"}, "val_held_out, upstream_all_train"),
     ],
 )
 def test_invalid_options_list_the_valid_values(synth_src, tmp_path, options, valid):
@@ -321,6 +320,203 @@ def test_too_few_identities_is_a_data_error(own_src, tmp_path):
         prepare_11k(own_src, "dorsal_r", tmp_path / "out", val_fraction=0.8, progress=False)
 
 
+# --- validation identities and upstream's identity set --------------------------------------
+
+
+@pytest.mark.parametrize("val_fraction", [0, 0.0, -0.1, 1])
+def test_val_fraction_outside_open_unit_interval_is_refused(synth_src, tmp_path, val_fraction):
+    with pytest.raises(_splits.ValFractionError) as error:
+        prepare_11k(synth_src, "dorsal_r", tmp_path, val_fraction=val_fraction, progress=False)
+    message = str(error.value)
+    assert isinstance(error.value, UserError) and "\n" not in message
+    assert message.startswith("val_fraction (--val-fraction) must be in (0, 1)")
+    assert "model selection needs validation identities" in message
+    assert "select_on: test_split0" in message and "upstream_all_train" in message
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_cli_prepare_refuses_val_fraction_zero_with_one_line(synth_src, tmp_path, capsys):
+    argv = ["data", "prepare", "--src", str(synth_src), "--out", str(tmp_path / "p")]
+    assert main([*argv, "--val-fraction", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {_splits.ValFractionError(0.0)}"]
+
+
+@pytest.fixture(scope="module")
+def upstream_set(synth_src, tmp_path_factory):
+    return prepare_11k(
+        synth_src,
+        "dorsal_r",
+        tmp_path_factory.mktemp("upstream_set"),
+        identity_set="upstream_all_train",
+        progress=False,
+    )
+
+
+def test_upstream_identity_set_trains_on_every_training_identity(manifest, upstream_set):
+    assert manifest.identity_set == "val_held_out"
+    assert upstream_set.identity_set == "upstream_all_train"
+    assert upstream_set.val.query == [] and upstream_set.val.gallery == []
+    assert ids(upstream_set.train) == ids(manifest.train) | ids(manifest.val.gallery)
+    assert paths(upstream_set.train) == paths(manifest.train + manifest.val.query) | paths(
+        manifest.val.gallery
+    )
+    assert upstream_set.test_splits == manifest.test_splits  # same seed, same test splits
+    assert upstream_set.protocol["val_fraction"] == 0
+    assert "identity set upstream_all_train" in upstream_set.summary()
+
+
+def test_upstream_training_view_equals_preparing_the_upstream_set(manifest, upstream_set):
+    view = upstream_training_view(manifest)
+    assert view == upstream_set
+    assert manifest.identity_set == "val_held_out" and manifest.val.gallery  # not modified
+    assert upstream_training_view(upstream_set) is upstream_set
+
+
+def test_identity_set_round_trips_and_old_manifests_read_by_their_validation_set(
+    manifest, upstream_set, tmp_path
+):
+    for prepared in (manifest, upstream_set):
+        save_manifest(prepared, tmp_path / "m.json")
+        assert load_manifest(tmp_path / "m.json") == prepared
+        data = json.loads((tmp_path / "m.json").read_text())
+        del data["identity_set"]  # a manifest written before the key existed
+        (tmp_path / "m.json").write_text(json.dumps(data))
+        assert load_manifest(tmp_path / "m.json").identity_set == prepared.identity_set
+    data["identity_set"] = "val_held_out"  # upstream_set has no validation identities
+    (tmp_path / "m.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="identity_set 'val_held_out' but the validation set"):
+        load_manifest(tmp_path / "m.json")
+
+
+def test_upstream_identity_set_refuses_a_validation_fraction(synth_src, tmp_path):
+    with pytest.raises(DataError, match="val_fraction .* contradicts identity_set"):
+        prepare_11k(
+            synth_src,
+            "dorsal_r",
+            tmp_path,
+            val_fraction=0.3,
+            identity_set="upstream_all_train",
+            progress=False,
+        )
+
+
+def test_load_prepared_views_either_identity_set_over_one_store(manifest, upstream_set, tmp_path):
+    cache = str(tmp_path / "cache")
+    save_manifest(manifest, tmp_path / "held_out")
+    save_manifest(upstream_set, tmp_path / "upstream")
+    held_out = load_prepared(tmp_path / "held_out", 16, cache_dir=cache, progress=False)
+    every = load_prepared(
+        tmp_path / "held_out",
+        16,
+        cache_dir=cache,
+        progress=False,
+        identity_set=identity_set_for("test_split0"),
+    )
+    assert held_out.identity_set == "val_held_out" and len(held_out.val_split.gallery) > 0
+    assert every.identity_set == "upstream_all_train" and every.manifest == upstream_set
+    assert len(every.val_rows) == 0 and len(every.val_split.query) == 0
+    assert every.identities == sorted(ids(upstream_set.train), key=int)
+    assert len(every.train_rows) == len(held_out.train_rows) + len(held_out.val_rows)
+    assert every.store.directory == held_out.store.directory  # one decoded store
+    assert (
+        held_out.identities
+        == load_prepared(
+            tmp_path / "held_out", 16, cache_dir=cache, progress=False, identity_set="val_held_out"
+        ).identities
+    )
+    with pytest.raises(DataError, match="needs held-out training identities") as error:
+        load_prepared(
+            tmp_path / "upstream",
+            16,
+            cache_dir=cache,
+            progress=False,
+            identity_set=identity_set_for("val"),
+        )
+    assert "\n" not in str(error.value)
+
+
+def test_cli_prepare_writes_the_identity_set(synth_src, tmp_path, capsys):
+    assert main(["data", "prepare", "--src", str(synth_src), "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "manifest.json").read_text())["identity_set"] == "val_held_out"
+
+
+# --- unpacking mistakes: one line instead of a warning per image ----------------------------
+
+
+def _move_images(src: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for image in sorted((src / "Hands").glob("*.jpg")):
+        image.rename(target / image.name)
+
+
+def _prepare_error(src: Path, out: Path, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(DataError) as error:
+        prepare_11k(src, "dorsal_r", out, progress=False)
+    assert "warning:" not in capsys.readouterr().err  # no warning per missing image
+    message = str(error.value)
+    assert "\n" not in message
+    kept = sum(len(names) for names in dorsal_right_files(src).values())
+    assert message.startswith(
+        f"{src / 'HandInfo.csv'}: {kept} of the {kept} dorsal_r images it lists are missing"
+        f" from {src / 'Hands'}/ (e.g. "
+    )
+    return message
+
+
+def test_images_one_folder_deeper_are_located(own_src, tmp_path, capsys):
+    hands = own_src / "Hands"
+    _move_images(own_src, hands / "Hands")  # Hands.zip unpacked inside Hands/
+    message = _prepare_error(own_src, tmp_path / "out", capsys)
+    assert message.endswith(
+        f"; they are one folder deeper, in {hands / 'Hands'}/: move them up into {hands}/"
+    )
+    shutil.copy(own_src / "HandInfo.csv", hands / "HandInfo.csv")
+    message = _prepare_error(own_src, tmp_path / "out", capsys)
+    assert message.endswith(
+        f"; they are one folder deeper, in {hands / 'Hands'}/: use --src {hands}"
+    )
+    assert prepare_11k(hands, "dorsal_r", tmp_path / "fixed", progress=False).train
+
+
+def test_images_beside_hands_are_located(own_src, tmp_path, capsys):
+    _move_images(own_src, own_src)  # unpacked into the dataset folder itself
+    message = _prepare_error(own_src, tmp_path / "out", capsys)
+    assert message.endswith(f"; they are in {own_src}/: move them into {own_src / 'Hands'}/")
+
+
+def test_images_nowhere_near_say_what_src_must_hold(own_src, tmp_path, capsys):
+    for image in (own_src / "Hands").glob("*.jpg"):
+        image.unlink()
+    message = _prepare_error(own_src, tmp_path / "out", capsys)
+    assert message.endswith(
+        "; they are not one folder deeper either: --src must hold"
+        " HandInfo.csv and Hands/ with the images directly inside it"
+    )
+
+
+def test_handinfo_csv_one_folder_deeper_is_located(own_src, tmp_path):
+    nested = tmp_path / "download"
+    nested.mkdir()
+    shutil.move(own_src, nested / "11k")
+    with pytest.raises(DataError) as error:
+        prepare_11k(nested, "dorsal_r", tmp_path / "out", progress=False)
+    assert str(error.value).endswith(
+        f"; found {nested / '11k' / 'HandInfo.csv'}: use --src {nested / '11k'}"
+    )
+
+
+def test_skipped_file_warnings_stop_after_a_few_lines(tmp_path, capsys):
+    report = _splits.new_report()
+    missing = [Sample(f"gone_{i:02d}.jpg", "1") for i in range(_splits.MAX_WARNINGS + 5)]
+    assert _splits.checked_samples(missing, tmp_path, report) == []
+    assert len(report["skipped"]) == len(missing)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == _splits.MAX_WARNINGS + 1
+    assert lines[-1].startswith("warning: more files skipped; only the first 20 are printed")
+
+
 # --- HD -------------------------------------------------------------------------------------
 
 
@@ -359,7 +555,11 @@ def test_hd_distractors_are_only_in_galleries_under_distinct_ids(hd_src, tmp_pat
 
 def test_hd_upstream_split_is_id_at_most_447(hd_src, tmp_path):
     manifest = prepare_hd(
-        hd_src, tmp_path, identity_split="upstream", val_fraction=0, progress=False
+        hd_src,
+        tmp_path,
+        identity_split="upstream",
+        identity_set="upstream_all_train",
+        progress=False,
     )
     assert ids(manifest.train) == {"444", "445", "446", "447"}
     assert ids(manifest.test_splits[0].query) == {"448", "449", "450", "451"}
@@ -369,6 +569,51 @@ def test_hd_missing_folder_names_the_path(tmp_path):
     (tmp_path / "Original Images" / "1-501").mkdir(parents=True)
     with pytest.raises(DataError, match=r"502-712 not found: expected the HD layout"):
         prepare_hd(tmp_path, tmp_path / "out", progress=False)
+
+
+def _hd_copy(hd_src: Path, target: Path) -> Path:
+    return Path(shutil.copytree(hd_src, target))
+
+
+def _hd_error(src: Path, out: Path) -> str:
+    with pytest.raises(DataError) as error:
+        prepare_hd(src, out, progress=False)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_hd_images_one_folder_deeper_are_located(hd_src, tmp_path):
+    src = _hd_copy(hd_src, tmp_path / "hd")
+    subjects = src / "Original Images" / "1-501"
+    (subjects / "1-501").mkdir()
+    for image in subjects.glob("*.jpg"):
+        image.rename(subjects / "1-501" / image.name)  # 1-501.zip unpacked inside 1-501/
+    assert _hd_error(src, tmp_path / "out") == (
+        f"{subjects} holds no images: expected the HD layout 'Original Images/1-501/' and"
+        f" 'Original Images/502-712/'; the images are one folder deeper, in"
+        f" {subjects / '1-501'}/: move them up into {subjects}/"
+    )
+
+
+def test_hd_src_at_the_wrong_level_names_the_right_one(hd_src, tmp_path):
+    outer = tmp_path / "download"
+    src = _hd_copy(hd_src, outer / "HD")
+    assert _hd_error(outer, tmp_path / "out").endswith(
+        f"; found {src / 'Original Images' / '1-501'}/: use --src {src}"
+    )
+    inner = src / "Original Images"
+    assert _hd_error(inner, tmp_path / "out").endswith(
+        f"; found {inner / '1-501'}/: use --src {src}"
+    )
+
+
+def test_hd_subjects_folder_without_images_is_refused(hd_src, tmp_path):
+    src = _hd_copy(hd_src, tmp_path / "hd")
+    for image in (src / "Original Images" / "1-501").glob("*.jpg"):
+        image.unlink()
+    assert _hd_error(src, tmp_path / "out").startswith(
+        f"{src / 'Original Images' / '1-501'} holds no images: expected the HD layout"
+    )
 
 
 # --- image store and transforms -------------------------------------------------------------

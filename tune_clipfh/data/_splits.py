@@ -5,7 +5,11 @@ Policies:
 * Image checks: every candidate image is opened with PIL and fully decoded once
   at prepare time. Missing, zero-byte, truncated, unreadable and non-image files
   are SKIPPED: listed in ``report["skipped"]`` with the reason, one warning line
-  each on stderr. Grayscale, RGBA, CMYK, palette and 16-bit images are accepted;
+  each on stderr for the first ``MAX_WARNINGS``, then one line saying the rest are
+  in the report. When MORE THAN HALF of the listed images are missing, the dataset
+  was unpacked or pointed at wrongly: preparation stops with one line saying where
+  the images were looked for and where they are, if one folder away (datasets
+  build that line; `mostly_missing`, `holding_folder`). Grayscale, RGBA, CMYK, palette and 16-bit images are accepted;
   they are converted to RGB when loaded (`decode_rgb`) and listed in
   ``report["converted"]`` with their original mode. A file listed twice is kept once.
 * An identity left with fewer than 2 images is dropped (``report["dropped_identities"]``):
@@ -13,10 +17,14 @@ Policies:
 * Identity split: ``"half"`` sorts the identities (numerically when all are digit
   strings) and puts the first half (rounded up) in train, the rest in test (B18);
   ``"upstream"`` reproduces the upstream hard-coded ``int(id) <= threshold``.
-* Validation: ``val_fraction`` of the TRAIN identities (at least 2, leaving at least
-  2 to train on) are held out as a query/gallery set with one gallery image per
-  identity. Test identities never take part in model selection (B11).
-  ``val_fraction=0`` means no validation set.
+* Validation (``identity_set="val_held_out"``, the default): ``val_fraction`` of
+  the TRAIN identities (at least 2, leaving at least 2 to train on) are held out as
+  a query/gallery set with one gallery image per identity. Test identities never
+  take part in model selection (B11), so ``val_fraction`` must be in (0, 1): with no
+  validation identities no model can be selected.
+* ``identity_set="upstream_all_train"`` keeps every training identity in train and
+  the validation set empty, as upstream ran (it selected on test split 1: the as-run
+  switch ``select_on: test_split0``). Its ``val_fraction`` is 0.
 * Test: ``num_splits`` query/gallery splits of the test identities, one random
   gallery image per identity and the rest as queries.
 * Every random choice comes from its own numpy stream derived from the seed
@@ -37,9 +45,21 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
-from .manifest import Manifest, Sample, Split, save_manifest, sort_identities
+from .manifest import (
+    IDENTITY_SETS,
+    UPSTREAM_ALL_TRAIN,
+    VAL_HELD_OUT,
+    Manifest,
+    Sample,
+    Split,
+    save_manifest,
+    sort_identities,
+)
 
 IDENTITY_SPLITS = ("half", "upstream")
+DEFAULT_VAL_FRACTION = 0.2
+MAX_WARNINGS = 20  # skipped-file warning lines printed; the report lists every one
+MOSTLY_MISSING = 0.5  # above this share of missing listed images, stop with one line
 MIN_IMAGES_PER_IDENTITY = 2
 MIN_VAL_IDENTITIES = 2
 MIN_TRAIN_IDENTITIES = 2
@@ -75,19 +95,55 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def validate_options(identity_split: str, val_fraction: float, num_splits: int, seed: int) -> None:
+def validate_options(
+    identity_split: str,
+    val_fraction: float | None,
+    num_splits: int,
+    seed: int,
+    identity_set: str = VAL_HELD_OUT,
+) -> float:
+    """Check the preparation options; return the validation fraction to use.
+
+    ``val_fraction=None`` is the identity set's default: 0.2 held out, or 0 for
+    ``upstream_all_train``.
+    """
     if identity_split not in IDENTITY_SPLITS:
         raise DataError(
             f"identity_split must be one of {', '.join(IDENTITY_SPLITS)}; got {identity_split!r}"
         )
-    if not 0 <= val_fraction < 1:
+    if identity_set not in IDENTITY_SETS:
         raise DataError(
-            f"val_fraction must be in [0, 1) (0 = no validation set); got {val_fraction!r}"
+            f"identity_set must be one of {', '.join(IDENTITY_SETS)}; got {identity_set!r}"
         )
+    if identity_set == UPSTREAM_ALL_TRAIN:
+        if val_fraction not in (None, 0):
+            raise DataError(
+                f"val_fraction (--val-fraction) {val_fraction!r} contradicts identity_set"
+                f" {UPSTREAM_ALL_TRAIN!r}, which trains on every training identity (leave it"
+                " unset or 0)"
+            )
+        val_fraction = 0.0
+    elif val_fraction is None:
+        val_fraction = DEFAULT_VAL_FRACTION
+    elif not 0 < val_fraction < 1:
+        raise ValFractionError(val_fraction)
     if num_splits < 1:
         raise DataError(f"num_splits must be at least 1; got {num_splits!r}")
     if seed < 0:
         raise DataError(f"seed must be a non-negative integer; got {seed!r}")
+    return val_fraction
+
+
+class ValFractionError(DataError):
+    """A validation fraction outside (0, 1) for a held-out validation set."""
+
+    def __init__(self, val_fraction: object):
+        super().__init__(
+            f"val_fraction (--val-fraction) must be in (0, 1), the share of training identities"
+            f" held out for validation; got {val_fraction!r}: model selection needs validation"
+            f" identities (upstream's selection on test split 1 is the as-run switch select_on:"
+            f" test_split0, with identity_set {UPSTREAM_ALL_TRAIN!r})"
+        )
 
 
 def new_report() -> dict:
@@ -151,7 +207,42 @@ def _inspect(path: Path) -> tuple[str | None, str | None]:
 
 def _skip(report: dict, file: str, reason: str) -> None:
     report["skipped"].append({"file": file, "reason": reason})
-    print(f"warning: skipping {file}: {reason}", file=sys.stderr)
+    if len(report["skipped"]) <= MAX_WARNINGS:
+        print(f"warning: skipping {file}: {reason}", file=sys.stderr)
+    elif len(report["skipped"]) == MAX_WARNINGS + 1:
+        print(
+            f"warning: more files skipped; only the first {MAX_WARNINGS} are printed, the"
+            " manifest's report lists every one",
+            file=sys.stderr,
+        )
+
+
+def mostly_missing(candidates: Iterable[Sample], root: Path) -> tuple[list[str], int] | None:
+    """(missing paths, listed paths) when more than half of the listed images are missing."""
+    listed = list(dict.fromkeys(s.path for s in candidates))
+    missing = [p for p in listed if not (root / p).is_file()]
+    if listed and len(missing) > MOSTLY_MISSING * len(listed):
+        return missing, len(listed)
+    return None
+
+
+def holding_folder(paths: list[str], folders: Iterable[Path], sample: int = 20) -> Path | None:
+    """The folder among ``folders`` that holds most of (a sample of) ``paths``, if over half."""
+    probe = paths[:sample]
+
+    def hits(folder: Path) -> int:
+        return sum((folder / p).is_file() for p in probe)
+
+    scored = [(hits(f), f) for f in folders if f.is_dir()]
+    best = max(scored, key=lambda pair: pair[0], default=(0, None))
+    return best[1] if probe and 2 * best[0] > len(probe) else None
+
+
+def subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return []
 
 
 def _group(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
@@ -233,15 +324,13 @@ def carve_validation(
     train_groups: dict[str, list[Sample]], val_fraction: float, seed: int, source: str
 ) -> tuple[list[Sample], Split]:
     """Hold out part of the TRAIN identities as a validation query/gallery set."""
-    if val_fraction == 0:
-        return [s for samples in train_groups.values() for s in samples], Split([], [])
     identities = list(train_groups)
     n_val = max(MIN_VAL_IDENTITIES, round(val_fraction * len(identities)))
     if len(identities) - n_val < MIN_TRAIN_IDENTITIES:
         raise DataError(
             f"{source}: val_fraction {val_fraction} holds out {n_val} of {len(identities)} training"
             f" identities, leaving {len(identities) - n_val}; training needs at least"
-            f" {MIN_TRAIN_IDENTITIES} (lower val_fraction, or 0 for no validation set)"
+            f" {MIN_TRAIN_IDENTITIES} (lower val_fraction)"
         )
     chosen = stream(seed, VAL_IDENTITIES_STREAM).choice(len(identities), size=n_val, replace=False)
     val_ids = {identities[i] for i in chosen}
@@ -264,8 +353,9 @@ def build_manifest(
     protocol: dict,
     report: dict,
     source: str,
+    identity_set: str = VAL_HELD_OUT,
 ) -> Manifest:
-    """Split checked identity groups into train / val / test splits."""
+    """Split checked identity groups into train / val / test splits (see `validate_options`)."""
     if not groups:
         raise DataError(
             f"{source}: no identity has {MIN_IMAGES_PER_IDENTITY} usable images"
@@ -274,7 +364,11 @@ def build_manifest(
             f" {MIN_IMAGES_PER_IDENTITY} images of one identity"
         )
     train_ids, test_ids = split_identities(groups, identity_split, upstream_threshold, source)
-    train, val = carve_validation({i: groups[i] for i in train_ids}, val_fraction, seed, source)
+    train_groups = {i: groups[i] for i in train_ids}
+    if identity_set == UPSTREAM_ALL_TRAIN:
+        train, val = [s for samples in train_groups.values() for s in samples], Split([], [])
+    else:
+        train, val = carve_validation(train_groups, val_fraction, seed, source)
     return Manifest(
         dataset=dataset,
         aspect=aspect,
@@ -292,6 +386,7 @@ def build_manifest(
         val=val,
         test_splits=query_gallery_splits({i: groups[i] for i in test_ids}, seed, num_splits),
         report=report,
+        identity_set=identity_set,
     )
 
 

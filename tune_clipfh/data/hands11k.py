@@ -11,6 +11,10 @@ Policies (besides the shared ones in `_splits`):
   paths and ``..`` are refused with a DataError naming the line), ``accessories``
   must be an integer, ``id`` non-empty.
 * ``identity_split="upstream"`` uses upstream's per-aspect thresholds on ``int(id)``.
+* When more than half of the listed images are not in ``Hands/``, preparation stops
+  with one line naming where they were looked for and, when they are one folder
+  away (``Hands/Hands/``, or ``<src>`` itself), where they are and the ``--src`` or
+  move that fixes it.
 * ``cross_aspect_gallery=True`` adds ``gallery_all`` to every test split (MBA-Net
   protocol, upstream ``gallery{i}_all``): this aspect's gallery plus the galleries
   the same seed gives the other three aspects, whose identities are prefixed with
@@ -29,14 +33,17 @@ from pathlib import Path, PureWindowsPath
 from ._splits import (
     build_manifest,
     checked_groups,
+    holding_folder,
+    mostly_missing,
     new_report,
     query_gallery_splits,
     split_identities,
+    subfolders,
     validate_options,
     write_prepared,
 )
 from .errors import DataError
-from .manifest import Manifest, Sample
+from .manifest import VAL_HELD_OUT, Manifest, Sample
 
 CSV_NAME = "HandInfo.csv"
 IMAGES_DIR = "Hands"
@@ -65,15 +72,22 @@ def prepare_11k(
     out,
     seed: int = 0,
     identity_split: str = "half",
-    val_fraction: float = 0.2,
+    val_fraction: float | None = None,
     num_splits: int = 10,
     cross_aspect_gallery: bool = False,
     progress: bool = True,
+    identity_set: str = VAL_HELD_OUT,
 ) -> Manifest:
+    """Prepare ``<src>`` (HandInfo.csv, Hands/) for one aspect; write ``<out>/manifest.json``.
+
+    ``val_fraction`` (default 0.2) of the training identities are held out for validation;
+    ``identity_set="upstream_all_train"`` trains on all of them instead, with no validation set
+    (upstream's identity set, for as-run reproductions).
+    """
     src = Path(src)
     if aspect not in ASPECTS:
         raise DataError(f"unknown aspect {aspect!r}: valid aspects are {', '.join(ASPECTS)}")
-    validate_options(identity_split, val_fraction, num_splits, seed)
+    val_fraction = validate_options(identity_split, val_fraction, num_splits, seed, identity_set)
     csv_path = src / CSV_NAME
     rows = _read_rows(csv_path, src)
     root = src / IMAGES_DIR
@@ -87,6 +101,7 @@ def prepare_11k(
             f"{csv_path}: no row has aspectOfHand '{ASPECTS[aspect]}' and accessories 0"
             f" ({len(rows)} rows read), so aspect {aspect} has no identities to prepare"
         )
+    _refuse_mostly_missing(_candidates(rows, aspect), root, src, csv_path, aspect)
     groups = _checked_aspect(rows, aspect, root, report, progress, label=str)
     manifest = build_manifest(
         dataset="11k",
@@ -100,6 +115,7 @@ def prepare_11k(
         num_splits=num_splits,
         report=report,
         source=str(csv_path),
+        identity_set=identity_set,
         protocol={
             "source_csv": str(csv_path.resolve()),
             "filter": f"accessories == 0 and aspectOfHand == '{ASPECTS[aspect]}'",
@@ -113,7 +129,9 @@ def prepare_11k(
 
 def _read_rows(csv_path: Path, src: Path) -> list[_Row]:
     if not csv_path.is_file():
-        raise DataError(f"{CSV_NAME} not found in {src}: {LAYOUT}")
+        deeper = [p / CSV_NAME for p in subfolders(src) if (p / CSV_NAME).is_file()]
+        hint = f"; found {deeper[0]}: use --src {deeper[0].parent}" if deeper else ""
+        raise DataError(f"{CSV_NAME} not found in {src}: {LAYOUT}{hint}")
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -174,6 +192,43 @@ def _row_counts(rows: list[_Row], aspect: str) -> dict:
     }
 
 
+def _candidates(rows: list[_Row], aspect: str) -> list[Sample]:
+    return [
+        Sample(r.image, r.identity)
+        for r in rows
+        if r.accessories == 0 and r.aspect_of_hand == ASPECTS[aspect]
+    ]
+
+
+def _refuse_mostly_missing(
+    candidates: list[Sample], root: Path, src: Path, csv_path: Path, aspect: str
+) -> None:
+    """One line instead of a warning per image when most listed images are not in Hands/."""
+    found = mostly_missing(candidates, root)
+    if found is None:
+        return
+    missing, listed = found
+    elsewhere = [p for p in subfolders(src) if p != root]
+    folder = holding_folder(missing, [*subfolders(root), src, *elsewhere])
+    if folder is None:
+        hint = (
+            f"; they are not one folder deeper either: --src must hold {CSV_NAME} and"
+            f" {IMAGES_DIR}/ with the images directly inside it"
+        )
+    elif folder.parent == root and folder.name == IMAGES_DIR and (root / CSV_NAME).is_file():
+        hint = f"; they are one folder deeper, in {folder}/: use --src {root}"
+    elif folder.parent == root:
+        hint = f"; they are one folder deeper, in {folder}/: move them up into {root}/"
+    elif folder.name == IMAGES_DIR and (folder.parent / CSV_NAME).is_file():
+        hint = f"; they are in {folder}/: use --src {folder.parent}"
+    else:
+        hint = f"; they are in {folder}/: move them into {root}/"
+    raise DataError(
+        f"{csv_path}: {len(missing)} of the {listed} {aspect} images it lists are missing from"
+        f" {root}/ (e.g. {missing[0]}){hint}"
+    )
+
+
 def _checked_aspect(
     rows: list[_Row],
     aspect: str,
@@ -182,11 +237,7 @@ def _checked_aspect(
     progress: bool,
     label: Callable[[str], str],
 ) -> dict[str, list[Sample]]:
-    candidates = [
-        Sample(r.image, r.identity)
-        for r in rows
-        if r.accessories == 0 and r.aspect_of_hand == ASPECTS[aspect]
-    ]
+    candidates = _candidates(rows, aspect)
     if progress:
         print(f"checking {len(candidates)} {aspect} images in {root}", file=sys.stderr)
     return checked_groups(candidates, root, report, identity_label=label)

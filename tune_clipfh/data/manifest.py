@@ -13,6 +13,17 @@ Policies:
   evaluates on exactly the same file lists (B14).
 * The file is written atomically (temporary file + ``os.replace``), so a reader
   never sees a half-written manifest.
+* ``identity_set`` names what the training identities are:
+
+  - ``"val_held_out"`` (the default): some training identities are held out as the
+    validation query/gallery set, on which models are selected (B11 fixed).
+  - ``"upstream_all_train"``: every training identity trains and the validation set
+    is empty, as upstream ran (it selected on test split 1 instead: the as-run switch
+    ``select_on: test_split0``, B11). `upstream_training_view` derives it from a
+    ``val_held_out`` manifest.
+
+  A manifest written before the key existed reads as ``val_held_out`` when it has
+  validation samples and ``upstream_all_train`` when it has none.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import DataError
@@ -28,6 +39,9 @@ from .errors import DataError
 MANIFEST_NAME = "manifest.json"
 FORMAT = "tune_clipfh.manifest"
 VERSION = 1
+VAL_HELD_OUT = "val_held_out"
+UPSTREAM_ALL_TRAIN = "upstream_all_train"
+IDENTITY_SETS = (VAL_HELD_OUT, UPSTREAM_ALL_TRAIN)
 
 
 @dataclass
@@ -56,6 +70,7 @@ class Manifest:
     val: Split  # held-out TRAIN identities (never test identities: B11)
     test_splits: list[Split]
     report: dict = field(default_factory=dict)
+    identity_set: str = VAL_HELD_OUT  # one of IDENTITY_SETS; see the module docstring
 
     def train_identities(self) -> list[str]:
         return sort_identities({s.identity for s in self.train})
@@ -75,7 +90,9 @@ class Manifest:
         lines = [
             f"dataset {self.dataset}{aspect}, seed {self.seed}, root {self.root}",
             f"train: {_count(self.train)}",
-            f"val:   query {_count(self.val.query)}, gallery {_count(self.val.gallery)}",
+            f"val:   query {_count(self.val.query)}, gallery {_count(self.val.gallery)}"
+            if self.identity_set == VAL_HELD_OUT
+            else f"val:   none (identity set {self.identity_set}: every training identity trains)",
         ]
         if self.test_splits:
             first = self.test_splits[0]
@@ -94,6 +111,30 @@ class Manifest:
             yield from split.query
             yield from split.gallery
             yield from split.gallery_all or ()
+
+
+def upstream_training_view(manifest: Manifest) -> Manifest:
+    """The manifest with its validation identities moved back into train (upstream's set).
+
+    Upstream trained on every training identity (72 for 11k dorsal_r) and selected models on
+    test split 1 (B11). The result has ``identity_set`` ``"upstream_all_train"``, an empty
+    validation set and the same test splits; it equals what preparing with
+    ``identity_set="upstream_all_train"`` gives. It references the same image files, so it
+    shares the decoded image store. A manifest already of that set is returned unchanged.
+    """
+    if manifest.identity_set == UPSTREAM_ALL_TRAIN:
+        return manifest
+    groups: dict[str, list[Sample]] = {}
+    for sample in (*manifest.train, *manifest.val.query, *manifest.val.gallery):
+        groups.setdefault(sample.identity, []).append(sample)
+    train = [s for i in sort_identities(groups) for s in sorted(groups[i], key=lambda s: s.path)]
+    return replace(
+        manifest,
+        train=train,
+        val=Split(query=[], gallery=[]),
+        protocol={**manifest.protocol, "val_fraction": 0.0},
+        identity_set=UPSTREAM_ALL_TRAIN,
+    )
 
 
 def sort_identities(identities: Iterable[str]) -> list[str]:
@@ -147,6 +188,7 @@ def manifest_to_dict(manifest: Manifest) -> dict:
         "val": _split_out(manifest.val),
         "test_splits": [_split_out(s) for s in manifest.test_splits],
         "report": manifest.report,
+        "identity_set": manifest.identity_set,
     }
 
 
@@ -160,7 +202,7 @@ def manifest_from_dict(data: object, source: Path) -> Manifest:
         raise DataError(
             f"{source}: key 'version' is {data.get('version')!r}; this code reads version {VERSION}"
         )
-    return Manifest(
+    manifest = Manifest(
         dataset=reader.get(data, "dataset", str),
         aspect=reader.get(data, "aspect", (str, type(None))),
         root=reader.get(data, "root", str),
@@ -174,6 +216,22 @@ def manifest_from_dict(data: object, source: Path) -> Manifest:
         ],
         report=reader.get(data, "report", dict),
     )
+    has_val = bool(manifest.val.query or manifest.val.gallery)
+    if "identity_set" not in data:  # written before the key existed
+        manifest.identity_set = VAL_HELD_OUT if has_val else UPSTREAM_ALL_TRAIN
+        return manifest
+    manifest.identity_set = reader.get(data, "identity_set", str)
+    if manifest.identity_set not in IDENTITY_SETS:
+        raise DataError(
+            f"{source}: not a valid manifest: key 'identity_set' is {manifest.identity_set!r}"
+            f" (valid: {', '.join(IDENTITY_SETS)})"
+        )
+    if has_val != (manifest.identity_set == VAL_HELD_OUT):
+        raise DataError(
+            f"{source}: not a valid manifest: identity_set {manifest.identity_set!r} but the"
+            f" validation set is {'not ' if has_val else ''}empty"
+        )
+    return manifest
 
 
 class _Reader:

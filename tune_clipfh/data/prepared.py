@@ -4,6 +4,12 @@
 ``data_dir`` it builds the embedded synthetic dataset under the cache folder (saying so), so a
 fresh clone trains with no other step. ``load_prepared`` maps every part of the manifest onto
 rows of one shared uint8 store, decoded once per (manifest, resolution).
+
+``load_prepared(..., identity_set=...)`` picks the training identities: ``"val_held_out"``
+(validation identities held out of training; selection on them) or ``"upstream_all_train"``
+(upstream's set: every training identity trains, no validation set; upstream selected on test
+split 1, ``select_on: test_split0``). Both views of one manifest reference the same files, so
+they share one decoded store. `identity_set_for` maps ``select_on`` onto the set it needs.
 """
 
 from __future__ import annotations
@@ -19,7 +25,16 @@ import numpy as np
 
 from .errors import DataError
 from .hands11k import prepare_11k
-from .manifest import MANIFEST_NAME, Manifest, Sample, load_manifest
+from .manifest import (
+    IDENTITY_SETS,
+    MANIFEST_NAME,
+    UPSTREAM_ALL_TRAIN,
+    VAL_HELD_OUT,
+    Manifest,
+    Sample,
+    load_manifest,
+    upstream_training_view,
+)
 from .store import ImageStore
 from .synth import synthesize
 
@@ -72,6 +87,32 @@ def resolve_data_dir(data_dir: str | None, cache_dir: str | None = None, log=pri
     return path
 
 
+IDENTITY_SET_FOR_SELECT_ON = {"val": VAL_HELD_OUT, "test_split0": UPSTREAM_ALL_TRAIN}
+"""Selection on held-out training identities needs them held out; upstream's selection on test
+split 1 went with training on every training identity (B11)."""
+
+
+def identity_set_for(select_on: str) -> str:
+    """The identity set a run with this ``select_on`` trains on (see IDENTITY_SET_FOR_SELECT_ON)."""
+    return IDENTITY_SET_FOR_SELECT_ON[select_on]
+
+
+def with_identity_set(manifest: Manifest, identity_set: str | None, source: str) -> Manifest:
+    """The manifest viewed as ``identity_set`` (None: as prepared); one-line DataError if it
+    cannot be (a manifest prepared without validation identities has none to hold out)."""
+    if identity_set is None or identity_set == manifest.identity_set:
+        return manifest
+    if identity_set == UPSTREAM_ALL_TRAIN:
+        return upstream_training_view(manifest)
+    if identity_set == VAL_HELD_OUT:
+        raise DataError(f"{source}: prepared with identity set {manifest.identity_set!r} (no "
+                        f"validation identities), but selecting on validation (select_on: val) "
+                        f"needs held-out training identities: prepare it again without "
+                        f"identity_set, with --val-fraction in (0, 1)")
+    raise DataError(f"{source}: identity_set {identity_set!r} is not valid "
+                    f"(valid: {', '.join(IDENTITY_SETS)})")
+
+
 @dataclass
 class QueryGallery:
     query: np.ndarray  # indices into PreparedData.eval_rows
@@ -96,6 +137,10 @@ class PreparedData:
     def image_size(self) -> int:
         return self.store.images.shape[1]
 
+    @property
+    def identity_set(self) -> str:
+        return self.manifest.identity_set
+
 
 def _union(parts: list[list[Sample]]) -> tuple[list[Sample], dict[str, int]]:
     index: dict[str, int] = {}
@@ -113,9 +158,14 @@ def _indices(samples: list[Sample], index: dict[str, int]) -> np.ndarray:
 
 
 def load_prepared(data_dir: str | Path, image_size: int, cache_dir: str | None = None,
-                  progress: bool = True, gallery: str = "split") -> PreparedData:
-    """Load a prepared folder and its decoded store at ``image_size`` pixels."""
-    manifest = load_manifest(data_dir)
+                  progress: bool = True, gallery: str = "split",
+                  identity_set: str | None = None) -> PreparedData:
+    """Load a prepared folder and its decoded store at ``image_size`` pixels.
+
+    ``identity_set`` (None: as prepared) views the manifest as ``"val_held_out"`` or
+    ``"upstream_all_train"``; see the module docstring and `identity_set_for`.
+    """
+    manifest = with_identity_set(load_manifest(data_dir), identity_set, str(data_dir))
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     store = ImageStore.build(manifest, image_size, cache / "stores", progress=progress)
 
@@ -148,10 +198,11 @@ def load_prepared(data_dir: str | Path, image_size: int, cache_dir: str | None =
     return PreparedData(
         manifest=manifest, store=store, identities=identities,
         train_rows=train_rows, train_labels=train_labels,
-        val_rows=store.rows(val_samples), val_ids=np.array([s.identity for s in val_samples]),
+        val_rows=store.rows(val_samples),
+        val_ids=np.array([s.identity for s in val_samples], dtype=str),
         val_split=val_split,
         test_rows=store.rows(test_samples),
-        test_ids=np.array([s.identity for s in test_samples]),
+        test_ids=np.array([s.identity for s in test_samples], dtype=str),
         test_splits=test_splits,
     )
 
