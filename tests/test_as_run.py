@@ -97,7 +97,7 @@ def test_eval_fusion_changes_test_scores_not_validation(data, cache_dir):
 def test_train_normalize_changes_training_inputs_not_the_test(data, cache_dir):
     correct = trainer(data, cache_dir)
     upstream = trainer(data, cache_dir, train_normalize=False)
-    upstream.load_model_state(correct.model_state())
+    upstream.model.load_part_state(correct.model_state())
     assert correct.validate() != upstream.validate()  # val inputs differ
     assert correct.test()["mean"] == upstream.test()["mean"]  # test inputs normalised in both
 
@@ -112,25 +112,25 @@ def test_sos_pooling_makes_every_identity_text_identical(data, cache_dir):
 
 def test_linear_id_loss_head_leaves_arcface_untrained(data, cache_dir):
     t = trainer(data, cache_dir, id_head="arcface", id_loss_head="linear")
-    arcface = t.head.classifier.weight.detach().clone()
-    linear = t.loss_head.weight.detach().clone()
+    arcface = t.model.head.classifier.weight.detach().clone()
+    linear = t.model.loss_head.weight.detach().clone()
     t.run()
-    assert torch.equal(arcface, t.head.classifier.weight)
-    assert not torch.equal(linear, t.loss_head.weight)
+    assert torch.equal(arcface, t.model.head.classifier.weight)
+    assert not torch.equal(linear, t.model.loss_head.weight)
 
 
 def test_heads_not_trainable_keep_their_init(data, cache_dir):
     t = trainer(data, cache_dir, heads_trainable=False)
-    before = t.head.classifier.weight.detach().clone()
+    before = t.model.head.classifier.weight.detach().clone()
     t.run()
-    assert torch.equal(before, t.head.classifier.weight)
+    assert torch.equal(before, t.model.head.classifier.weight)
 
 
 def test_centres_stay_at_init_without_update(data, cache_dir):
     t = trainer(data, cache_dir, loss_use_center=True, update_centers=False)
-    before = t.center.centers.detach().clone()
+    before = t.model.center.centers.detach().clone()
     t.run()
-    assert torch.equal(before, t.center.centers)
+    assert torch.equal(before, t.model.center.centers)
 
 
 def test_select_on_test_split0_selects_on_test_identities(data, cache_dir):
@@ -145,9 +145,9 @@ def test_shared_optimizer_serves_both_stages(data, cache_dir):
     t = trainer(data, cache_dir, shared_optimizer_across_stages=True,
                 schedule_mode="v8_cyclic_batch_cosine")
     optimizers = []
-    t.run(lambda record: optimizers.append(t.optimizer))
+    t.run(lambda record: optimizers.append(t.optim.optimizer))
     assert optimizers[0] is optimizers[-1]
-    assert [g["name"] for g in t.optimizer.param_groups][:3] == ["prompt", "visual", "text"]
+    assert [g["name"] for g in t.optim.optimizer.param_groups][:3] == ["prompt", "visual", "text"]
 
 
 # --- the as-run table vs the spec's effective columns (section 5) -----------------------------
@@ -158,11 +158,11 @@ EXPECTED = {  # version: (schedule_mode, ID loss head, heads trained, unfreeze v
     "v3": ("v3_double_onecycle", "linear", False, ("all", 12), ("all", 4)),
     "v4": ("v3_double_onecycle", "linear", False, ("all", 12), ("all", 4)),
     "v5": ("v3_double_onecycle", "linear", False, ("all", 12), ("all", 4)),
-    "v6": ("v3_double_onecycle", "linear", False, ("last_n", 2), ("last_n", 2)),
-    "v7": ("v3_double_onecycle", "linear", False, ("last_n", 2), ("last_n", 2)),
-    "v8": ("v8_cyclic_batch_cosine", "linear", False, ("last_n", 12), ("last_n", 4)),
-    "v9": ("v8_cyclic_batch_cosine", "linear", False, ("last_n", 12), ("last_n", 4)),
-    "v10": ("v8_cyclic_batch_cosine", "linear", False, ("last_n", 12), ("last_n", 4)),
+    "v6": ("v3_double_onecycle", "linear", False, ("last_n_blocks", 2), ("last_n_blocks", 2)),
+    "v7": ("v3_double_onecycle", "linear", False, ("last_n_blocks", 2), ("last_n_blocks", 2)),
+    "v8": ("v8_cyclic_batch_cosine", "linear", False, ("last_n_blocks", 12), ("last_n_blocks", 4)),
+    "v9": ("v8_cyclic_batch_cosine", "linear", False, ("last_n_blocks", 12), ("last_n_blocks", 4)),
+    "v10": ("v8_cyclic_batch_cosine", "linear", False, ("last_n_blocks", 12), ("last_n_blocks", 4)),
 }
 RN50_VISUAL = {"v1": None, "v2": 1e-4, "v3": 5e-4, "v4": 5e-4, "v5": 5e-4, "v6": 5e-4,
                "v7": 5e-4, "v8": 1e-4, "v9": 7e-5, "v10": 7e-5}

@@ -10,26 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
+from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
-from tune_clipfh.model import (
-    BNNeck,
-    LinearHead,
+from tune_clipfh.model.backbone import (
+    TEXT_TOWER,
     ModelLoadError,
-    PromptLearner,
-    ReIDHead,
     configure_text_trainable,
     configure_visual_trainable,
     create_backbone,
     trainable_parameters_report,
 )
-from tune_clipfh.model.backbone import TEXT_TOWER, architecture
-from tune_clipfh.model.prompt import aspect_phrase
+from tune_clipfh.model.heads import BNNeck, LinearHead, ReIDHead
+from tune_clipfh.model.prompt import PromptLearner, aspect_phrase
+from tune_clipfh.model.registry import BACKBONES, backbone_spec
 
-BLOCKS = {"vitb16": 12, "rn50": 4}
 
-
-@pytest.fixture(params=["vitb16", "rn50"])
+@pytest.fixture(params=list(BACKBONES))
 def tiny(request):
     torch.manual_seed(0)
     return create_backbone(request.param, profile="tiny")
@@ -56,26 +53,27 @@ def visual_grads(backbone):
 def test_tiny_backbone_builds_and_encodes(tiny):
     assert tiny.profile == "tiny"
     assert tiny.image_size == 64
-    assert len(tiny.visual_blocks) == BLOCKS[tiny.name]
+    assert len(tiny.visual_blocks) == backbone_spec(tiny.name).blocks
     features = tiny.encode_image(images(tiny))
     assert features.shape == (4, tiny.embed_dim)
     assert tiny.tokenizer.context_length == tiny.context_length
     assert not any(p.requires_grad for p in tiny.parameters())  # created frozen
 
 
-@pytest.mark.parametrize(("model", "arch", "embed_dim"),
-                         [("vitb16", "ViT-B-16", 512), ("rn50", "RN50", 1024)])
-def test_full_profile_builds_the_clip_architectures(model, arch, embed_dim):
-    assert architecture(model, "full") == arch
+@pytest.mark.parametrize(("model", "arch", "embed_dim", "blocks"),
+                         [("vitb16", "ViT-B-16", 512, 12), ("rn50", "RN50", 1024, 4),
+                          ("vitl14", "ViT-L-14", 768, 24)])
+def test_full_profile_builds_the_clip_architectures(model, arch, embed_dim, blocks):
+    assert backbone_spec(model).architecture("full") == arch
     backbone = create_backbone(model, profile="full")
     assert (backbone.arch, backbone.image_size, backbone.embed_dim) == (arch, 224, embed_dim)
-    assert len(backbone.visual_blocks) == BLOCKS[model]
+    assert len(backbone.visual_blocks) == blocks
     assert backbone.context_length == 77
     assert open_clip.get_model_config(arch)["vision_cfg"]["image_size"] == 224
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [
-    ({"model": "vit"}, "valid: vitb16, rn50"),
+    ({"model": "vit"}, "valid: vitb16, rn50, vitl14"),
     ({"model": "vitb16", "profile": "small"}, "valid: full, tiny"),
 ])
 def test_invalid_model_or_profile_lists_valid_values(kwargs, expected):
@@ -83,17 +81,43 @@ def test_invalid_model_or_profile_lists_valid_values(kwargs, expected):
         create_backbone(**kwargs)
 
 
-def test_last_n_blocks_are_the_only_visual_parameters_with_gradients(tiny):
-    names = configure_visual_trainable(tiny, 2)
-    last_two = {id(p) for block in tiny.visual_blocks[-2:] for p in block.parameters()}
+@pytest.mark.parametrize(("mode", "with_head"), [("last_n", True), ("last_n_blocks", False)])
+def test_last_n_trains_the_top_blocks_and_the_layers_after_them(tiny, mode, with_head):
+    """Correct mode: the last N blocks and everything after them (ViT ln_post + proj, RN50
+    attnpool); upstream's last_n_blocks (B13) leaves the projection frozen."""
+    names = configure_visual_trainable(tiny, 2, mode=mode)
+    expected = {id(p) for block in tiny.visual_blocks[-2:] for p in block.parameters()}
+    head = {id(p) for p in tiny.visual_head_parameters}
+    assert head and not head & expected
+    if with_head:
+        expected |= head
     tiny.train()
     tiny.encode_image(images(tiny)).square().sum().backward()
     for name, param in tiny.clip.named_parameters():
-        in_last_two = id(param) in last_two
-        assert param.requires_grad == in_last_two, name
-        assert (param.grad is not None) == in_last_two, name
+        trained = id(param) in expected
+        assert param.requires_grad == trained, name
+        assert (param.grad is not None) == trained, name
     assert names and all(n.startswith("visual.") for n in names)
-    assert len(names) == sum(1 for b in tiny.visual_blocks[-2:] for _ in b.parameters())
+    assert len(names) == len(expected)
+    head_names = {"visual.proj", "visual.ln_post.weight"} if "visual.proj" in dict(
+        tiny.clip.named_parameters()) else {"visual.attnpool.c_proj.weight"}
+    assert (head_names <= set(names)) == with_head
+
+
+def test_unfreezing_zero_blocks_leaves_the_image_tower_frozen(tiny):
+    assert configure_visual_trainable(tiny, 0, mode="last_n") == []
+
+
+def test_concat_feature_is_the_normalised_pre_projection_and_projected_features(tiny):
+    x = images(tiny)
+    tiny.eval()
+    pre, projected = tiny.encode_image_parts(x)
+    assert torch.allclose(projected, tiny.encode_image(x), atol=1e-5)
+    visual = tiny.clip.visual
+    if isinstance(visual, ModifiedResNet):  # the average-pooled layer4 map, before attnpool
+        assert pre.shape[1] == visual.attnpool.k_proj.in_features
+    else:  # the pooled token that proj maps to the projected feature
+        assert torch.allclose(pre @ visual.proj, projected, atol=1e-5)
 
 
 def test_mode_all_trains_the_whole_image_tower(tiny):
@@ -103,7 +127,7 @@ def test_mode_all_trains_the_whole_image_tower(tiny):
     assert all(g is not None for g in grads.values())
     stem_and_projection = (["visual.conv1.weight", "visual.proj", "visual.positional_embedding",
                             "visual.class_embedding", "visual.ln_post.weight"]
-                           if tiny.name == "vitb16"
+                           if not isinstance(tiny.clip.visual, ModifiedResNet)
                            else ["visual.conv1.weight", "visual.bn1.weight",
                                  "visual.attnpool.c_proj.weight",
                                  "visual.attnpool.positional_embedding"])
@@ -124,7 +148,7 @@ def test_out_of_range_unfreeze_blocks_names_the_valid_range(model, bad, valid):
 
 
 def test_invalid_unfreeze_mode_raises(tiny_vit):
-    with pytest.raises(ValueError, match="unfreeze_mode.*last_n, all"):
+    with pytest.raises(ValueError, match="unfreeze_mode.*last_n, last_n_blocks, all"):
         configure_visual_trainable(tiny_vit, 2, mode="some")
 
 
@@ -161,7 +185,7 @@ def test_text_tower_is_frozen_unless_configured(tiny_vit):
 
 
 def test_trainable_parameters_report_groups_the_towers(tiny_vit):
-    configure_visual_trainable(tiny_vit, 2)
+    configure_visual_trainable(tiny_vit, 2, mode="last_n_blocks")
     model = nn.ModuleDict({"backbone": tiny_vit, "head": ReIDHead(tiny_vit.embed_dim, 3)})
     report = trainable_parameters_report(model)
     assert set(report) == {"visual", "text", "logit_scale", "head"}

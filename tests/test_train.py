@@ -72,9 +72,9 @@ def test_each_loss_flag_removes_exactly_its_term(data, cache_dir, flag, term):
 def test_center_loss_centres_move(data, cache_dir):
     trainer = trainer_for(data, cache_dir, loss_use_center=True, center_loss_weight=0.01,
                           center_lr=0.5)
-    before = trainer.center.centers.detach().clone()
+    before = trainer.model.center.centers.detach().clone()
     trainer.run()
-    assert not torch.allclose(before, trainer.center.centers)
+    assert not torch.allclose(before, trainer.model.center.centers)
 
 
 def _changed(before, after):
@@ -84,24 +84,26 @@ def _changed(before, after):
 def test_unfreeze_two_blocks_trains_only_them_and_the_heads(data, cache_dir):
     trainer = trainer_for(data, cache_dir, model="vitb16", unfreeze_blocks=2,
                           unfreeze_mode="last_n", stage_mode="image_only", lr=1e-2)
-    visual_before = {k: v.clone() for k, v in trainer.backbone.clip.visual.state_dict().items()}
-    head_before = {k: v.clone() for k, v in trainer.head.state_dict().items()}
+    visual_before = {k: v.clone() for k, v in trainer.model.backbone.clip.visual.state_dict().items()}
+    head_before = {k: v.clone() for k, v in trainer.model.head.state_dict().items()}
     trainer.run()
-    changed = _changed(visual_before, trainer.backbone.clip.visual.state_dict())
-    assert changed and all(n.startswith(("transformer.resblocks.10.",
-                                         "transformer.resblocks.11.")) for n in changed)
-    assert "classifier.weight" in _changed(head_before, trainer.head.state_dict())
+    changed = _changed(visual_before, trainer.model.backbone.clip.visual.state_dict())
+    # the two last blocks and the layers after them (ln_post, proj); nothing below
+    assert changed and all(n.startswith(("transformer.resblocks.10.", "transformer.resblocks.11.",
+                                         "ln_post.", "proj")) for n in changed)
+    assert {"proj", "ln_post.weight"} <= changed
+    assert "classifier.weight" in _changed(head_before, trainer.model.head.state_dict())
 
 
 def test_frozen_text_encoder_gets_no_update(data, cache_dir):
     trainer = trainer_for(data, cache_dir)
-    text_before = {k: v.clone() for k, v in trainer.backbone.clip.state_dict().items()
+    text_before = {k: v.clone() for k, v in trainer.model.backbone.clip.state_dict().items()
                    if not k.startswith("visual.")}
-    prompts_before = trainer.prompts.context.detach().clone()
+    prompts_before = trainer.model.prompts.context.detach().clone()
     trainer.run()
-    after = trainer.backbone.clip.state_dict()
+    after = trainer.model.backbone.clip.state_dict()
     assert not _changed(text_before, {k: after[k] for k in text_before})
-    assert not torch.equal(prompts_before, trainer.prompts.context)
+    assert not torch.equal(prompts_before, trainer.model.prompts.context)
 
 
 def test_onecycle_gives_each_group_its_own_peak():

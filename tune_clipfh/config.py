@@ -23,9 +23,10 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from .errors import UserError
+from .model.registry import BACKBONES, PROFILES
 
-BACKBONE_BLOCKS = {"vitb16": 12, "rn50": 4}
-"""Image-tower blocks that ``unfreeze_blocks`` counts: ViT resblocks, ResNet layer1..layer4."""
+BackboneKey = Literal[tuple(BACKBONES)]  # the registry's backbones, whatever it holds
+Profile = Literal[PROFILES]
 
 UPSTREAM_IDENTITY_PLACEHOLDER = "{}"
 CTX_PLACEHOLDER = "{ctx}"
@@ -84,7 +85,7 @@ class RunConfig:
     dataset: Literal["11k", "hd"] = knob("11k", "dataset protocol of data_dir")
     aspect: Literal["dorsal_r", "dorsal_l", "palmar_r", "palmar_l"] = knob(
         "dorsal_r", "hand aspect (11k); named in the prompt")
-    model: Literal["vitb16", "rn50"] = knob("vitb16", "CLIP backbone", group="model")
+    model: BackboneKey = knob("vitb16", "CLIP backbone (model/registry.py)", group="model")
     variant: str = knob("clipid", "free-form variant tag (upstream naming only)")
 
     # --- prompt learner (upstream) ---
@@ -157,9 +158,11 @@ class RunConfig:
     unfreeze_blocks: int = knob(
         2, "train the last N image-tower blocks (ViT resblocks 0..12, RN50 layers 0..4)",
         low=0, group="model")
-    unfreeze_mode: Literal["last_n", "all"] = knob(
-        "last_n", "last_n: the last unfreeze_blocks blocks; all: the whole image tower "
-        "including stem and projection (upstream v1-v5)", group="model")
+    unfreeze_mode: Literal["last_n", "last_n_blocks", "all"] = knob(
+        "last_n", "last_n: the last unfreeze_blocks blocks and every layer after them (ViT "
+        "ln_post and proj, RN50 attnpool); last_n_blocks: the blocks alone, under a frozen "
+        "projection (upstream v6+, B13); all: the whole image tower including the stem "
+        "(upstream v1-v5)", group="model")
 
     # --- data loading (upstream) ---
     batch_size: int = knob(32, "images per stage-2 batch (and stage-1 feature batch)", low=2,
@@ -174,7 +177,7 @@ class RunConfig:
     log_dir: str | None = knob(None, "(ignored)")
 
     # --- ours: model ---
-    profile: Literal["full", "tiny"] = knob(
+    profile: Profile = knob(
         "full", "full: real architectures at 224 px; tiny: small random-init configs at 64 px",
         group="model")
     pretrained: str = knob(
@@ -229,7 +232,9 @@ class RunConfig:
                                             group="data")
     pk_k: int = knob(4, "images per identity in a P x K batch (P = batch_size / K)", low=1,
                      high=1024, group="data")
-    aug_hflip: float = knob(0.5, "horizontal-flip probability", low=0, high=1, group="data")
+    aug_hflip: float = knob(
+        0.0, "horizontal-flip probability (off by default: a mirrored right hand is a left "
+        "hand, an aspect the test never shows)", low=0, high=1, group="data")
     aug_pad_crop: int = knob(0, "pixels of padding before a random crop (0: off)", low=0,
                              high=256, group="data")
     aug_random_erasing: float = knob(0.0, "random-erasing probability", low=0, high=1,
@@ -245,8 +250,10 @@ class RunConfig:
                                                        group="eval")
     eval_ap: Literal["standard", "trapezoid"] = knob(
         "standard", "AP definition (trapezoid: the MBA-Net variant)", group="eval")
-    eval_feature: Literal["pre_bn", "post_bn"] = knob(
-        "pre_bn", "retrieval feature: before or after the BNNeck", group="eval")
+    eval_feature: Literal["pre_bn", "post_bn", "concat"] = knob(
+        "pre_bn", "retrieval feature: before or after the BNNeck, or concat (CLIP-ReID: the "
+        "pre-projection and the projected feature, each normalised, concatenated)",
+        group="eval")
     eval_flip: bool = knob(False, "average features of each image and its mirror",
                            group="eval")
 
@@ -254,7 +261,12 @@ class RunConfig:
     seed: int = knob(0, "seed for every random stream", low=0, high=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: cuda when available")
     amp: Literal["auto", "off", "bf16", "fp16"] = knob(
-        "auto", "mixed precision on CUDA (auto: bf16 where supported); always fp32 on CPU")
+        "auto", "mixed precision of the encoders on CUDA (auto: bf16 on compute capability "
+        ">= 8.0, else fp16 with a gradient scaler); heads, losses and logits stay fp32; "
+        "always fp32 on CPU")
+    limit_train_batches: int | None = knob(
+        None, "smoke runs: at most this many batches per epoch in both stages (none: all)",
+        low=1, high=10**9, group="schedule")
     checkpoint_every: int = knob(2, "epochs between resumable checkpoints", low=1,
                                  high=10_000)
     checkpoint_min_interval_s: float = knob(
@@ -302,7 +314,7 @@ class RunConfig:
     # -------------------------------------------------------------------------------------
     @property
     def blocks(self) -> int:
-        return BACKBONE_BLOCKS[self.model]
+        return BACKBONES[self.model].blocks
 
     @property
     def pk_p(self) -> int:
@@ -449,22 +461,55 @@ def suggest(key: str, valid: typing.Iterable[str]) -> str:
 
 
 def _translate_upstream(values: dict[str, Any], source: str, notes: list[str]) -> None:
-    """Map upstream spellings onto ours, recording what was translated or ignored."""
+    """Map upstream spellings onto ours, recording what was translated or ignored.
+
+    Upstream spelt the identity context two ways: ``{}`` in ``prompt_template`` (never
+    formatted, so tokenized literally: B3) and a run of ``X`` words in its template list
+    (``"A photo of a X X X X hand."``: CoOp / CLIP-ReID's spelling, the one B3's correct
+    implementation uses). Both become ``{ctx}``, which always stands for ``n_ctx`` tokens.
+    """
     for key, reason in IGNORED_UPSTREAM_KEYS.items():
         if key in values:
             notes.append(f"{source}: '{key}' accepted and ignored: {reason}")
-    template = values.get("prompt_template")
-    if isinstance(template, str) and CTX_PLACEHOLDER not in template \
-            and template.count(UPSTREAM_IDENTITY_PLACEHOLDER) == 1:
-        values["prompt_template"] = template.replace(UPSTREAM_IDENTITY_PLACEHOLDER,
-                                                     CTX_PLACEHOLDER)
-        notes.append(f"{source}: 'prompt_template' upstream '{{}}' read as the identity "
-                     f"context placeholder {{ctx}} (upstream never formatted it: B3)")
+    x_run = re.compile(r"(?<!\S)X(?: X)*(?!\S)")  # standalone X words: "X", "X X X X"
+
+    def placeholder(template: Any, spelt: set[str]) -> Any:
+        if not isinstance(template, str) or CTX_PLACEHOLDER in template:
+            return template
+        if template.count(UPSTREAM_IDENTITY_PLACEHOLDER) == 1:
+            spelt.add(repr(UPSTREAM_IDENTITY_PLACEHOLDER))
+            return template.replace(UPSTREAM_IDENTITY_PLACEHOLDER, CTX_PLACEHOLDER)
+        if UPSTREAM_IDENTITY_PLACEHOLDER not in template and len(x_run.findall(template)) == 1:
+            spelt.add(repr(x_run.search(template).group()))
+            return x_run.sub(lambda _: CTX_PLACEHOLDER, template)
+        return template
+
+    def read_as_ctx(key: str, spelt: set[str]) -> None:
+        if spelt:
+            notes.append(f"{source}: '{key}': upstream's {' and '.join(sorted(spelt))} read as "
+                         f"the identity context placeholder {CTX_PLACEHOLDER}, n_ctx learnable "
+                         f"tokens (upstream tokenized its placeholders literally: B3)")
+
+    if "prompt_template" in values:
+        spelt: set[str] = set()
+        values["prompt_template"] = placeholder(values["prompt_template"], spelt)
+        read_as_ctx("prompt_template", spelt)
     templates = values.get("prompt_template_list")
     if isinstance(templates, list):
-        values["prompt_template_list"] = [
-            t.replace(UPSTREAM_IDENTITY_PLACEHOLDER, CTX_PLACEHOLDER)
-            if isinstance(t, str) and CTX_PLACEHOLDER not in t else t for t in templates]
+        spelt = set()
+        values["prompt_template_list"] = [placeholder(t, spelt) for t in templates]
+        read_as_ctx("prompt_template_list", spelt)
+        if spelt:
+            notes.append(f"{source}: 'prompt_template_list': upstream's list had no effect in "
+                         f"any run (only the base template was used: spec 2.2); here each "
+                         f"template's features are averaged with prompt_template's (set "
+                         f"prompt_template_list: null to match upstream)")
+    ctx_init, n_ctx = values.get("ctx_init"), values.get("n_ctx", FIELDS["n_ctx"].default)
+    if isinstance(ctx_init, str) and isinstance(n_ctx, int) and len(ctx_init.split()) != n_ctx:
+        notes.append(f"{source}: 'ctx_init' {ctx_init!r} accepted and ignored: upstream never "
+                     f"used it (spec 2.2), and its {len(ctx_init.split())} word(s) cannot "
+                     f"initialise n_ctx {n_ctx} context tokens, so the context starts random")
+        values["ctx_init"] = None
 
 
 def build_config(values: dict[str, Any], source: str = "<config>") -> LoadedConfig:
@@ -533,14 +578,15 @@ def _check_consistency(c: RunConfig, source: str, given: dict[str, Any]) -> None
     if runs_image and c.epochs_image == 0:
         fail("epochs_image", f"stage_mode {c.stage_mode} runs the image stage, which needs "
              f"epochs_image >= 1")
-    if runs_prompt and not c.loss_use_supcon:
-        fail("loss_use_supcon", "the prompt stage trains only through SupCon; "
-             "turn it on or use stage_mode: image_only")
-    image_losses = [c.loss_use_id, c.loss_use_triplet, c.loss_use_center,
-                    c.loss_use_i2t and c.stage_mode == "prompt_then_image"]
-    if runs_image and not any(image_losses):
-        fail("loss_use_id", "every image-stage loss is off (loss_use_id, loss_use_triplet, "
-             "loss_use_center, loss_use_i2t): turn at least one on")
+    # The table's functions need torch; `config keys` and the CLI's parser stay torch-free.
+    from .loss_table import active_terms, stage_terms
+
+    for stage, runs, hint in (("prompt", runs_prompt, "or use stage_mode: image_only"),
+                              ("image", runs_image, "")):
+        if runs and not active_terms(c, stage):
+            toggles = list(dict.fromkeys(term.toggle for term in stage_terms(stage)))
+            fail(toggles[0], f"every {stage}-stage loss is off ({', '.join(toggles)}): turn at "
+                 f"least one on{' ' + hint if hint else ''}")
     if c.template_error():
         fail("prompt_template", c.template_error())
     for template in c.prompt_template_list or []:

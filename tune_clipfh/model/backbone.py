@@ -1,11 +1,7 @@
 """CLIP backbones from open_clip: one factory, architectures as data.
 
-Each backbone exists in two profiles:
-
-* ``full``: OpenAI CLIP ViT-B/16 and RN50 (open_clip's ``ViT-B-16`` / ``RN50`` configs) at 224 px;
-* ``tiny``: narrow random-init configs at 64 px (``configs/tiny-vit.json``, ``configs/tiny-rn.json``)
-  that keep the block structure (12 ViT resblocks, 4 ResNet stages), so ``unfreeze_blocks``
-  means the same in both profiles. Tests, CI and smoke runs use them on CPUs.
+The backbones and their two profiles (``full``: the open_clip architecture at 224 px; ``tiny``:
+a narrow config with the same block count, for CPUs) are entries of :mod:`.registry`.
 
 Every model is built with QuickGELU, the activation the OpenAI weights were trained with, so a
 model is the same architecture whether it starts from random init, ``openai`` or a weights file.
@@ -37,15 +33,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import UserError
+from .registry import BackboneSpec, UnknownBackbone, backbone_spec, check_profile
 
-BACKBONES = {"vitb16": "ViT-B-16", "rn50": "RN50"}
-"""Our backbone key -> open_clip architecture of the full profile."""
-TINY_BACKBONES = {"vitb16": "tiny-vit", "rn50": "tiny-rn"}
-"""Our backbone key -> open_clip architecture of the tiny profile (``configs/<name>.json``)."""
-PROFILES = ("full", "tiny")
-IMAGE_SIZES = {"full": 224, "tiny": 64}
-"""Input resolution of each profile (CLIP's ModifiedResNet accepts only square images)."""
-UNFREEZE_MODES = ("last_n", "all")
+UNFREEZE_MODES = ("last_n", "last_n_blocks", "all")
 TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer", "ln_final",
               "text_projection")
 """Attributes of open_clip's ``CLIP`` that make up the text tower."""
@@ -68,17 +58,18 @@ class ClipBackbone(nn.Module):
     so their running statistics keep the pretrained values (upstream let them drift, B13).
     """
 
-    def __init__(self, clip: open_clip.CLIP, name: str, arch: str, profile: str) -> None:
+    def __init__(self, clip: open_clip.CLIP, spec: BackboneSpec, profile: str) -> None:
         super().__init__()
         self.clip = clip
-        self.name = name
-        self.arch = arch
+        self.spec = spec
+        self.name = spec.key
+        self.arch = spec.architecture(profile)
         self.profile = profile
-        config = open_clip.get_model_config(arch)
+        config = open_clip.get_model_config(self.arch)
         self.image_size: int = config["vision_cfg"]["image_size"]
         self.embed_dim: int = config["embed_dim"]
         # open_clip sizes the tokenizer from the config, so it pads to the model's context length
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.tokenizer = open_clip.get_tokenizer(self.arch)
 
     @property
     def visual_blocks(self) -> list[nn.Module]:
@@ -87,6 +78,14 @@ class ClipBackbone(nn.Module):
         if isinstance(visual, ModifiedResNet):
             return [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
         return list(visual.transformer.resblocks)
+
+    @property
+    def visual_head_parameters(self) -> list[nn.Parameter]:
+        """The image-tower layers after the last block: ViT ln_post and proj, RN50 attnpool."""
+        visual = self.clip.visual
+        if isinstance(visual, ModifiedResNet):
+            return list(visual.attnpool.parameters())
+        return [*visual.ln_post.parameters(), visual.proj]
 
     @property
     def context_length(self) -> int:
@@ -99,6 +98,20 @@ class ClipBackbone(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Image features [B, embed_dim], not normalised."""
         return self.clip.encode_image(images)
+
+    def encode_image_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pre-projection, projected) image features, not normalised: ViT's pooled token
+        after ln_post and after proj; RN50's spatially averaged layer4 map and the attention
+        pool's output (CLIP-ReID's two test features)."""
+        visual = self.clip.visual
+        if isinstance(visual, ModifiedResNet):
+            x = visual.stem(images)
+            for block in self.visual_blocks:
+                x = block(x)
+            return x.mean(dim=(2, 3)), visual.attnpool(x)
+        # open_clip's own forward without the projection: embed, transformer, pool
+        pooled, _ = visual._pool(visual.transformer(visual._embeds(images)))
+        return pooled, pooled @ visual.proj
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image(images)
@@ -113,19 +126,12 @@ class ClipBackbone(nn.Module):
         return self
 
 
-def image_size_for(model: str, profile: str) -> int:
-    """Square input size of a backbone in a profile, known before building the model."""
-    architecture(model, profile)  # validates both names
-    return IMAGE_SIZES[profile]
-
-
-def architecture(model: str, profile: str) -> str:
-    """The open_clip architecture name of a backbone key in a profile."""
-    if model not in BACKBONES:
-        raise ModelLoadError(f"model: {model!r} is not a backbone (valid: {', '.join(BACKBONES)})")
-    if profile not in PROFILES:
-        raise ModelLoadError(f"profile: {profile!r} is not valid (valid: {', '.join(PROFILES)})")
-    return BACKBONES[model] if profile == "full" else TINY_BACKBONES[model]
+def _spec(model: str, profile: str) -> BackboneSpec:
+    try:
+        check_profile(profile)
+        return backbone_spec(model)
+    except UnknownBackbone as exc:
+        raise ModelLoadError(f"model: {exc}") from None
 
 
 def create_backbone(model: str, profile: str = "full", pretrained: str = "none",
@@ -137,7 +143,8 @@ def create_backbone(model: str, profile: str = "full", pretrained: str = "none",
     weights file that open_clip loads (a state dict, a checkpoint with a ``state_dict`` key, or
     an OpenAI TorchScript ``.pt``).
     """
-    arch = architecture(model, profile)
+    spec = _spec(model, profile)
+    arch = spec.architecture(profile)
     if pretrained == "none":
         weights = None
     elif pretrained == "openai":
@@ -152,7 +159,7 @@ def create_backbone(model: str, profile: str = "full", pretrained: str = "none",
                                  f"openai, none or the path of a weights file)")
     clip = _create_clip(arch, weights)
     clip.requires_grad_(False)
-    return ClipBackbone(clip, model, arch, profile)
+    return ClipBackbone(clip, spec, profile)
 
 
 def _create_clip(arch: str, weights: Path | None) -> open_clip.CLIP:
@@ -276,9 +283,14 @@ def _reachable(host: str, port: int, timeout: float) -> bool:
 
 def configure_visual_trainable(backbone: ClipBackbone, unfreeze_blocks: int,
                                mode: str = "last_n") -> list[str]:
-    """Freeze the image tower, then make trainable either the last ``unfreeze_blocks`` blocks
-    (``last_n``: ViT resblocks 0..12, ResNet stages 0..4) or every image-tower parameter
-    (``all``: stem, positional embedding, ln_post, proj / attnpool included; upstream v1-v5).
+    """Freeze the image tower, then make trainable:
+
+    * ``last_n``: the last ``unfreeze_blocks`` blocks (ViT resblocks 0..12, ResNet stages 0..4)
+      and, when that is at least one, every layer after them (ViT ln_post and proj, RN50
+      attnpool): what "unfreeze the top N" means;
+    * ``last_n_blocks``: the blocks alone, under a frozen projection (upstream v6+, B13);
+    * ``all``: every image-tower parameter, stem and positional embedding included (upstream
+      v1-v5).
 
     Returns the trainable image-tower parameter names (as in ``backbone.clip``).
     """
@@ -292,9 +304,12 @@ def configure_visual_trainable(backbone: ClipBackbone, unfreeze_blocks: int,
                          f"{backbone.name} (valid: 0..{len(blocks)} {kind})")
     visual = backbone.clip.visual
     visual.requires_grad_(mode == "all")
-    if mode == "last_n":
+    if mode != "all":
         for block in blocks[len(blocks) - unfreeze_blocks:]:
             block.requires_grad_(True)
+    if mode == "last_n" and unfreeze_blocks > 0:
+        for param in backbone.visual_head_parameters:
+            param.requires_grad_(True)
     backbone.train(backbone.training)  # BatchNorm layers just frozen go to eval mode
     return [f"visual.{name}" for name, p in visual.named_parameters() if p.requires_grad]
 

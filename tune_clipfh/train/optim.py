@@ -11,9 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..config import RunConfig
+from .parts import ReIDModel
+from .upstream_schedules import UpstreamSchedules
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -133,3 +138,94 @@ def _bind(spec: ScheduleSpec, total: int, per_epoch: int, base: float) -> Callab
 def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Current rate of every named group, for logs and reports (B8f logged group 0 only)."""
     return {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+
+
+@dataclass
+class StageOptimization:
+    """What one stage steps: its optimizer, its schedule and (stage 2) the centres' SGD."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: Any  # StageSchedule, or a stage's view of UpstreamSchedules
+    center_optimizer: torch.optim.Optimizer | None
+
+
+class OptimizerFactory:
+    """Builds each stage's optimizer and schedule when the stage begins.
+
+    Correct mode: a fresh optimizer over the stage's trainable groups, each group at its own
+    rate, and a fresh schedule whose horizon is the stage's own steps (B8). The as-run switch
+    ``shared_optimizer_across_stages`` keeps one optimizer over every group for both stages
+    (B8e), with either a fresh per-stage cosine or one of upstream's scheduler call patterns.
+    """
+
+    def __init__(self, config: RunConfig, model: ReIDModel):
+        self.config = config
+        self.model = model
+        self.shared: torch.optim.Optimizer | None = None
+        self.upstream: UpstreamSchedules | None = None
+
+    def _group(self, name: str, params) -> ParamGroup:
+        return ParamGroup(name, list(params), self.config.group_lr(name),
+                          self.config.group_weight_decay(name))
+
+    def _optional_groups(self) -> list[ParamGroup]:
+        groups = []
+        if self.config.heads_trainable:  # upstream left the heads out of the optimizer (B5)
+            groups.append(self._group("head", self.model.head_parameters()))
+        if not self.config.freeze_text_encoder:
+            groups.append(self._group("text", self.model.text_parameters()))
+        return groups
+
+    def for_stage(self, stage: str, batches_per_epoch: int) -> StageOptimization:
+        cfg = self.config
+        center = (torch.optim.SGD(self.model.center.parameters(), lr=cfg.center_lr)
+                  if stage == "image" and cfg.loss_use_center else None)
+        if cfg.shared_optimizer_across_stages:
+            optimizer, schedule = self._shared_for_stage(stage, batches_per_epoch)
+            return StageOptimization(optimizer, schedule, center)
+        if stage == "prompt":
+            groups = [self._group("prompt", self.model.prompts.parameters())]
+            if not cfg.freeze_text_encoder:
+                groups.append(self._group("text", self.model.text_parameters()))
+            optimizer = build_optimizer(cfg.prompt_optimizer, groups)
+            spec = ScheduleSpec(kind="cosine", eta_min=cfg.eta_min,
+                                warmup_epochs=cfg.prompt_warmup_epochs,
+                                warmup_start_factor=cfg.warmup_start_factor)
+            epochs = cfg.epochs_prompt
+        else:
+            visual = [p for p in self.model.backbone.clip.visual.parameters() if p.requires_grad]
+            groups = [self._group("visual", visual), *self._optional_groups()]
+            if not cfg.freeze_prompt:
+                groups.append(self._group("prompt", self.model.prompts.parameters()))
+            optimizer = build_optimizer(cfg.optimizer, groups)
+            spec = ScheduleSpec(
+                kind=cfg.scheduler,
+                # OneCycle is defined over optimizer steps
+                per_batch=cfg.scheduler_step == "batch" or cfg.scheduler == "onecycle",
+                eta_min=cfg.eta_min, warmup_epochs=cfg.warmup_epochs,
+                warmup_start_factor=cfg.warmup_start_factor,
+                onecycle_pct_start=cfg.onecycle_pct_start,
+                onecycle_div_factor=cfg.onecycle_div_factor,
+                step_milestones=tuple(cfg.step_milestones), step_gamma=cfg.step_gamma)
+            epochs = cfg.epochs_image
+        return StageOptimization(optimizer, StageSchedule(optimizer, spec, epochs,
+                                                          batches_per_epoch), center)
+
+    def _shared_for_stage(self, stage: str, batches_per_epoch: int):
+        cfg, model = self.config, self.model
+        if self.shared is None:
+            groups = [self._group("prompt", model.prompts.parameters()),
+                      self._group("visual", model.backbone.clip.visual.parameters()),
+                      self._group("text", model.text_parameters())]
+            if cfg.heads_trainable:
+                groups.append(self._group("head", model.head_parameters()))
+            self.shared = build_optimizer(cfg.optimizer, groups, only_trainable=False)
+            if cfg.schedule_mode != "per_stage":
+                self.upstream = UpstreamSchedules(cfg.schedule_mode, self.shared,
+                                                  cfg.epochs_prompt, cfg.epochs_image,
+                                                  batches_per_epoch, cfg.eta_min)
+        if self.upstream is not None:
+            return self.shared, self.upstream.for_stage(stage)
+        epochs = cfg.epochs_prompt if stage == "prompt" else cfg.epochs_image
+        spec = ScheduleSpec(kind="cosine", eta_min=cfg.eta_min)
+        return self.shared, StageSchedule(self.shared, spec, epochs, batches_per_epoch)

@@ -32,6 +32,7 @@ import torch
 from ..config import RunConfig, build_config
 from ..data.prepared import PreparedData, load_prepared, resolve_data_dir
 from ..evaluation import UPSTREAM_COLUMNS, upstream_table_row
+from ..model.registry import backbone_spec
 from .stages import EpochRecord, Trainer, TrainResult
 
 STATE_FILE = "state.pt"
@@ -68,10 +69,8 @@ def stderr_log(message: str) -> None:
 def prepare_data(config: RunConfig, log: Callable[[str], None] = stderr_log,
                  progress: bool = True) -> PreparedData:
     """Resolve ``data_dir`` (synthesising the embedded default when absent) and load it."""
-    from ..model import image_size_for
-
     data_dir = resolve_data_dir(config.data_dir, config.cache_dir, log=log)
-    return load_prepared(data_dir, image_size_for(config.model, config.profile),
+    return load_prepared(data_dir, backbone_spec(config.model).input_size(config.profile),
                          cache_dir=config.cache_dir, progress=progress)
 
 
@@ -98,7 +97,7 @@ def best_checkpoint(trainer: Trainer) -> dict[str, Any]:
         "epoch": trainer.best["epoch"],
         "val_metrics": {"rank1": trainer.best["rank1"], "mAP": trainer.best["mAP"]},
         "config": trainer.config.to_dict(),
-        "backbone": trainer.backbone.arch,
+        "backbone": trainer.model.backbone.arch,
         "identities": list(trainer.data.identities),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -190,7 +189,7 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = stderr_log,
     config.pretrained = "none"  # the weights come from the checkpoint
     data = prepare_data(config, log=log, progress=progress)
     trainer = Trainer(config, data, log=log, progress=progress)
-    trainer.load_model_state(checkpoint["model"])
+    trainer.model.load_part_state(checkpoint["model"])
     return trainer.test()
 
 

@@ -3,19 +3,21 @@
 Stage 1 (prompt): image and text encoders frozen, image features computed once and cached, only the
 per-identity context vectors train, with SupCon image<->text in both directions.
 Stage 2 (image): a fresh optimizer and schedule (B8) over the unfrozen image blocks and the heads
-(B4, B5); ID (linear or ArcFace) + triplet + center + image-to-all-identities text CE against
-the frozen per-identity text features; validation every epoch on held-out TRAINING identities
-(B11); early stopping on validation Rank-1; the best weights are deep-copied (B9) and restored
-before the 10-split test, which ranks image features only (B12).
+(B4, B5); the losses of :mod:`..loss_table` against the frozen per-identity text features;
+validation every epoch on held-out TRAINING identities (B11); early stopping on validation
+Rank-1; the best weights are deep-copied (B9) and restored before the 10-split test, which ranks
+image features only (B12).
 
-The :class:`Trainer` reports each epoch to a callback and exposes ``state_dict`` /
-``load_state_dict`` so an adapter (the Ray trainable, the CLI) can checkpoint and resume.
+The :class:`Trainer` keeps the epoch loop. It reports each epoch to a callback and exposes
+``state_dict`` / ``load_state_dict`` so an adapter (the Ray trainable, the CLI) can checkpoint
+and resume. The model parts live in :mod:`.parts`, optimizers and schedules in :mod:`.optim`,
+mixed precision in :mod:`.precision`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -31,26 +33,15 @@ from ..config import RunConfig
 from ..data.prepared import PreparedData
 from ..data.sampler import PKSampler, RandomBatchSampler
 from ..data.store import Augment, augment, normalize
+from ..errors import UserError
 from ..evaluation import evaluate_splits, rank_metrics_from_features
-from ..losses import (
-    CenterLoss,
-    batch_hard_triplet,
-    id_loss,
-    image_to_text_ce,
-    rescale_center_grads,
-    supcon_loss,
-)
-from ..model import (
-    ClipBackbone,
-    LinearHead,
-    PromptLearner,
-    ReIDHead,
-    configure_text_trainable,
-    configure_visual_trainable,
-    create_backbone,
-)
-from .optim import ParamGroup, ScheduleSpec, StageSchedule, build_optimizer, group_learning_rates
-from .upstream_schedules import UpstreamSchedules
+from ..loss_table import TOTAL_COLUMNS, LossInputs, weighted_terms
+from ..losses import rescale_center_grads
+from ..model.backbone import configure_visual_trainable
+from ..model.registry import backbone_spec
+from .optim import OptimizerFactory, StageOptimization, group_learning_rates
+from .parts import ReIDModel
+from .precision import Precision, autocast_dtype
 
 STATUSES = ("completed", "early_stopped", "diverged")
 
@@ -88,24 +79,19 @@ class Diverged(Exception):
         self.where = where
 
 
+class DeviceUnavailable(UserError):
+    """A run that asks for a device this process cannot see."""
+
+
 def pick_device(choice: str) -> torch.device:
+    """``cuda`` means CUDA or a clear error, never a silent CPU run."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable("device: cuda requested but this process sees no CUDA device "
+                                "(valid here: auto, cpu; in a Ray trial, give it GPUs with "
+                                "--gpus-per-trial)")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device: cuda requested but no CUDA device is available "
-                             "(valid here: auto, cpu)")
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def autocast_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA only (bf16 where supported); fp32 on CPU."""
-    if device.type != "cuda" or config.amp == "off":
-        return None
-    if config.amp == "fp16":
-        return torch.float16
-    if config.amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
 
 
 def seed_everything(seed: int) -> None:
@@ -123,38 +109,25 @@ class Trainer:
         self.log = log
         self.progress = progress
         self.device = device or pick_device(config.device)
-        self.amp_dtype = autocast_dtype(config, self.device)
+        self.precision = Precision(self.device, autocast_dtype(config.amp, self.device))
+        self.channels_last = self.device.type == "cuda" and backbone_spec(config.model).channels_last
+        if config.select_on == "val" and len(data.val_rows) == 0:
+            raise UserError("select_on: val needs validation identities, and the prepared data "
+                            "has none (prepare with --val-fraction > 0, or select_on: "
+                            "test_split0 for upstream's behaviour, B11)")
         seed_everything(config.seed)
 
-        self.backbone: ClipBackbone = create_backbone(
-            config.model, config.profile, config.resolved_pretrained, cache_dir=config.cache_dir)
-        if self.backbone.image_size != data.image_size:
+        self.model = ReIDModel(config, len(data.identities), data.manifest.aspect)
+        if self.model.backbone.image_size != data.image_size:
             raise ValueError(f"the data store holds {data.image_size} px images but the "
                              f"{config.profile} {config.model} backbone expects "
-                             f"{self.backbone.image_size} px")
-        identity_count = len(data.identities)
-        self.prompts = PromptLearner(
-            self.backbone, identity_count, n_ctx=config.n_ctx, template=config.prompt_template,
-            templates=config.prompt_template_list, ctx_init=config.ctx_init,
-            aspect=data.manifest.aspect)
-        self.head = ReIDHead(self.backbone.embed_dim, identity_count, id_head=config.id_head,
-                             arcface_scale=config.arcface_scale,
-                             arcface_margin=config.arcface_margin)
-        self.center = CenterLoss(identity_count, self.backbone.embed_dim)
-        # Upstream v3+ took the ID loss from a linear classifier while ArcFace only logged (B4).
-        self.loss_head = LinearHead(self.backbone.embed_dim, identity_count) \
-            if config.id_loss_head == "linear" and config.id_head == "arcface" else None
-        self.shared_optimizer: torch.optim.Optimizer | None = None
-        self.upstream_schedules: UpstreamSchedules | None = None
-        for module in (self.backbone, self.prompts, self.head, self.center, self.loss_head):
-            if module is None:
-                continue
-            module.to(self.device)
-        if self.device.type == "cuda" and config.model == "rn50":
-            self.backbone.to(memory_format=torch.channels_last)
-        configure_text_trainable(self.backbone, not config.freeze_text_encoder)
-        # Frozen CLIP temperature: the scale CLIP itself compares images and texts at.
-        self.logit_scale = float(self.backbone.clip.logit_scale.detach().exp().clamp(max=100))
+                             f"{self.model.backbone.image_size} px")
+        self.model.to(self.device)
+        if self.channels_last:
+            self.model.backbone.to(memory_format=torch.channels_last)
+        self.optimizers = OptimizerFactory(config, self.model)
+        self.sampler = self._make_sampler()
+        self.batches_per_epoch = min(len(self.sampler), config.limit_train_batches or math.inf)
 
         self.stage = "prompt" if config.stage_mode != "image_only" else "image"
         self.epoch_done = 0  # epochs finished in the current stage
@@ -165,13 +138,20 @@ class Trainer:
         self.status: str | None = None
         self.diverged_at: dict[str, Any] | None = None
         self.initial_val: dict[str, float] | None = None
+        self.optim: StageOptimization | None = None
         self._stage_setup: str | None = None
         self._pending_optim_state: dict[str, Any] | None = None
-        self.fault = None
+        self._prompt_features: torch.Tensor | None = None
+        self._prompt_labels: torch.Tensor | None = None
+        self._identity_text: torch.Tensor | None = None
+        self.fault: tuple[str, str, int] | None = None
         if config.fault_injection:
             kind, place = config.fault_injection.split("@")
             stage, epoch = place.split(":")
             self.fault = (kind, stage, int(epoch))
+
+    def model_state(self, copy_tensors: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        return self.model.part_state(copy_tensors)
 
     # ------------------------------------------------------------------ orchestration
     def run(self, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainResult:
@@ -184,10 +164,7 @@ class Trainer:
                          f"mAP {self.initial_val['mAP']:.4f}")
             if self.stage == "prompt":
                 self._run_stage("prompt", cfg.epochs_prompt, self._prompt_epoch, on_epoch)
-                if cfg.stage_mode == "prompt_then_image":
-                    self._enter_stage("image")
-                else:
-                    self._enter_stage("done")
+                self._enter_stage("image" if cfg.stage_mode == "prompt_then_image" else "done")
             if self.stage == "image":
                 self._run_stage("image", cfg.epochs_image, self._image_epoch, on_epoch)
                 self._enter_stage("done")
@@ -218,9 +195,9 @@ class Trainer:
 
     def _run_stage(self, stage: str, epochs: int, epoch_fn, on_epoch) -> None:
         self._setup_stage(stage)
-        bar = tqdm(total=epochs * self._batches_per_epoch, desc=f"{stage} stage", leave=False,
-                   disable=not self.progress, unit="batch", initial=self.epoch_done
-                   * self._batches_per_epoch)
+        bar = tqdm(total=epochs * self.batches_per_epoch, desc=f"{stage} stage", leave=False,
+                   disable=not self.progress, unit="batch",
+                   initial=self.epoch_done * self.batches_per_epoch)
         with bar:
             while self.epoch_done < epochs and self.status is None:
                 epoch = self.epoch_done + 1
@@ -228,7 +205,9 @@ class Trainer:
                 seed_everything(self.config.seed * 100_003 + self.iteration)
                 if self.fault == ("raise", stage, epoch):
                     raise InjectedFault(f"injected fault at {stage} epoch {epoch}")
-                metrics = epoch_fn(epoch, bar)
+                # the rates this epoch trains at (the schedule steps during and after it)
+                rates = group_learning_rates(self.optim.optimizer)
+                metrics = {**epoch_fn(epoch, bar), **rates}
                 metrics["epoch_time_s"] = time.perf_counter() - started
                 self.epoch_done = epoch
                 self.iteration += 1
@@ -243,97 +222,36 @@ class Trainer:
                 if on_epoch is not None:
                     on_epoch(record)
 
+    def _epoch_batches(self):
+        """This epoch's batches (seeded by the iteration), capped by ``limit_train_batches``."""
+        self.sampler.set_epoch(self.iteration)
+        return itertools.islice(self.sampler, self.batches_per_epoch)
+
     # ------------------------------------------------------------------ stage set-up
     def _setup_stage(self, stage: str) -> None:
         if self._stage_setup == stage:
             return
-        cfg = self.config
+        cfg, prompts = self.config, self.model.prompts
         if stage == "prompt":
             self._cache_prompt_features()
-            self.prompts.requires_grad_(True)
-            self.prompts.pool = cfg.text_pool_prompt
-            self.center_optimizer = None
-            if not cfg.shared_optimizer_across_stages:
-                groups = [self._group("prompt", self.prompts.parameters()), *self._text_group()]
-                self.optimizer = build_optimizer(cfg.prompt_optimizer, groups)
-                spec = ScheduleSpec(kind="cosine", eta_min=cfg.eta_min,
-                                    warmup_epochs=cfg.prompt_warmup_epochs,
-                                    warmup_start_factor=cfg.warmup_start_factor)
-                self.schedule = StageSchedule(self.optimizer, spec, cfg.epochs_prompt,
-                                              self._batches_per_epoch)
+            prompts.requires_grad_(True)
+            prompts.pool = cfg.text_pool_prompt
         else:
-            configure_visual_trainable(self.backbone, cfg.unfreeze_blocks, cfg.unfreeze_mode)
-            self.prompts.requires_grad_(not cfg.freeze_prompt)
-            self.prompts.pool = cfg.text_pool_image
-            self._sampler = self._make_sampler()
-            self._batches_per_epoch = len(self._sampler)
-            self.center_optimizer = (torch.optim.SGD(self.center.parameters(), lr=cfg.center_lr)
-                                     if cfg.loss_use_center else None)
+            configure_visual_trainable(self.model.backbone, cfg.unfreeze_blocks,
+                                       cfg.unfreeze_mode)
+            prompts.requires_grad_(not cfg.freeze_prompt)
+            prompts.pool = cfg.text_pool_image
             self._identity_text = self._identity_text_features()
-        if cfg.shared_optimizer_across_stages:
-            self._use_shared_optimizer(stage)
-        elif stage == "image":
-            visual = [p for p in self.backbone.clip.visual.parameters() if p.requires_grad]
-            groups = [self._group("visual", visual), *self._head_group(), *self._text_group()]
-            if not cfg.freeze_prompt:
-                groups.append(self._group("prompt", self.prompts.parameters()))
-            self.optimizer = build_optimizer(cfg.optimizer, groups)
-            spec = ScheduleSpec(
-                kind=cfg.scheduler, per_batch=cfg.scheduler_step == "batch", eta_min=cfg.eta_min,
-                warmup_epochs=cfg.warmup_epochs, warmup_start_factor=cfg.warmup_start_factor,
-                onecycle_pct_start=cfg.onecycle_pct_start,
-                onecycle_div_factor=cfg.onecycle_div_factor,
-                step_milestones=tuple(cfg.step_milestones), step_gamma=cfg.step_gamma)
-            if cfg.scheduler == "onecycle":
-                spec.per_batch = True  # OneCycle is defined over optimizer steps
-            self.schedule = StageSchedule(self.optimizer, spec, cfg.epochs_image,
-                                          self._batches_per_epoch)
-        if self._pending_optim_state is not None and self._pending_optim_state["stage"] == stage:
-            self._load_optim_state(self._pending_optim_state)
+        self.optim = self.optimizers.for_stage(stage, self.batches_per_epoch)
+        pending = self._pending_optim_state
+        if pending is not None and pending["stage"] == stage:
+            self.optim.optimizer.load_state_dict(pending["optimizer"])
+            self.optim.schedule.load_state_dict(pending["schedule"])
+            if pending["center"] is not None and self.optim.center_optimizer is not None:
+                self.optim.center_optimizer.load_state_dict(pending["center"])
+            self.precision.load_state_dict(pending.get("scaler"))
         self._pending_optim_state = None
         self._stage_setup = stage
-
-    def _group(self, name: str, params) -> ParamGroup:
-        return ParamGroup(name, list(params), self.config.group_lr(name),
-                          self.config.group_weight_decay(name))
-
-    def _head_group(self) -> list[ParamGroup]:
-        if not self.config.heads_trainable:  # upstream left the heads out of the optimizer (B5)
-            return []
-        heads = list(self.head.parameters())
-        if self.loss_head is not None:
-            heads += list(self.loss_head.parameters())
-        return [self._group("head", heads)]
-
-    def _text_group(self) -> list[ParamGroup]:
-        if self.config.freeze_text_encoder:
-            return []
-        return [self._group("text", self._text_parameters())]
-
-    def _text_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.backbone.clip.named_parameters() if not n.startswith("visual.")
-                and n != "logit_scale"]
-
-    def _use_shared_optimizer(self, stage: str) -> None:
-        """One optimizer for both stages, built once over every group (B8e), with either a
-        fresh per-stage schedule or upstream's scheduler call pattern (B8)."""
-        cfg = self.config
-        if self.shared_optimizer is None:
-            groups = [self._group("prompt", self.prompts.parameters()),
-                      self._group("visual", self.backbone.clip.visual.parameters()),
-                      self._group("text", self._text_parameters()), *self._head_group()]
-            self.shared_optimizer = build_optimizer(cfg.optimizer, groups, only_trainable=False)
-            if cfg.schedule_mode != "per_stage":
-                self.upstream_schedules = UpstreamSchedules(
-                    cfg.schedule_mode, self.shared_optimizer, cfg.epochs_prompt,
-                    cfg.epochs_image, self._batches_per_epoch, cfg.eta_min)
-        self.optimizer = self.shared_optimizer
-        if self.upstream_schedules is not None:
-            self.schedule = self.upstream_schedules.for_stage(stage)
-            return
-        epochs = cfg.epochs_prompt if stage == "prompt" else cfg.epochs_image
-        spec = ScheduleSpec(kind="cosine", eta_min=cfg.eta_min)
-        self.schedule = StageSchedule(self.optimizer, spec, epochs, self._batches_per_epoch)
 
     def _make_sampler(self):
         """Batches over the training images: P x K identities (B7) or plain random batches."""
@@ -347,92 +265,72 @@ class Trainer:
     @torch.no_grad()
     def _cache_prompt_features(self) -> None:
         """Frozen image features, computed once for every prompt epoch."""
-        self.backbone.eval()
+        self.model.backbone.eval()
         self._prompt_features = self.extract(self.data.train_rows, feature="raw",
                                              normalized=self.config.train_normalize)
         self._prompt_labels = torch.as_tensor(self.data.train_labels, device=self.device)
-        self._sampler = self._make_sampler()
-        self._batches_per_epoch = len(self._sampler)
 
     def _prompt_epoch(self, epoch: int, bar) -> dict[str, float]:
         cfg = self.config
-        self.prompts.train()
+        self.model.prompts.train()
         sums = _Sums()
-        self._sampler.set_epoch(self.iteration)
-        for batch in self._sampler:
+        for batch in self._epoch_batches():
             index = torch.as_tensor(batch, device=self.device)
-            image = self._prompt_features[index]
             labels = self._prompt_labels[index]
-            with self._autocast():
-                text = self.prompts(labels)
-            text = text.float()
-            own = cfg.supcon_exclude_own_pair
-            loss_i2t = supcon_loss(image, text, labels, labels, self.logit_scale,
-                                   exclude_own_pair=own)
-            loss_t2i = supcon_loss(text, image, labels, labels, self.logit_scale,
-                                   exclude_own_pair=own)
-            loss = cfg.weight_supcon * (loss_i2t + loss_t2i)
+            with self.precision.autocast():
+                text = self.model.prompts(labels)
+            with self.precision.fp32():
+                inputs = LossInputs(cfg, labels, self.model.logit_scale,
+                                    image=self._prompt_features[index], text=text.float())
+                terms = weighted_terms(cfg, "prompt", inputs)
+                loss = sum(terms.values())
             self._check_finite(loss, "prompt", epoch)
-            self._step(loss, self.prompts.parameters())
-            sums.add(len(batch), prompt_loss=loss, prompt_loss_i2t=loss_i2t,
-                     prompt_loss_t2i=loss_t2i)
+            self._step(loss, self.model.prompts.parameters())
+            sums.add(len(batch), **{TOTAL_COLUMNS["prompt"]: loss}, **terms)
             bar.update(1)
-        self.schedule.after_epoch()
-        metrics = sums.means()
-        metrics.update(group_learning_rates(self.optimizer))
-        metrics.update(self._val_columns(self.initial_val))
-        return metrics
+        self.optim.schedule.after_epoch()
+        return {**sums.means(), **self._val_columns(self.initial_val)}
 
     # ------------------------------------------------------------------ stage 2
     @torch.no_grad()
     def _identity_text_features(self) -> torch.Tensor:
-        self.prompts.eval()
-        with self._autocast():
-            return self.prompts.all_identity_features().float()
+        self.model.prompts.eval()
+        with self.precision.autocast():
+            return self.model.prompts.all_identity_features().float()
 
     def _image_epoch(self, epoch: int, bar) -> dict[str, float]:
-        cfg, data = self.config, self.data
-        self.backbone.train()
-        self.head.train()
+        cfg, data, model = self.config, self.data, self.model
+        model.backbone.train()
+        model.head.train()
         sums = _Sums()
         generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
         aug = Augment(hflip=cfg.aug_hflip, pad_crop=cfg.aug_pad_crop,
                       random_erasing=cfg.aug_random_erasing)
-        self._sampler.set_epoch(self.iteration)
-        for batch in self._sampler:
+        for batch in self._epoch_batches():
             images = augment(normalize(data.store.batch(data.train_rows[batch]),
                                        cfg.train_normalize), aug, generator)
             images = self._to_device(images)
             labels = torch.as_tensor(data.train_labels[batch], device=self.device)
-            with self._autocast():
-                features = self.backbone.encode_image(images)
-                bn_features, logits = self.head(features, labels)
-            features, bn_features = features.float(), bn_features.float()
-            terms: dict[str, torch.Tensor] = {}
-            if cfg.loss_use_id:
-                if self.loss_head is not None:
-                    logits = self.loss_head(bn_features)
-                terms["loss_id"] = cfg.weight_id * id_loss(logits.float(), labels,
-                                                           cfg.label_smoothing)
-            if cfg.loss_use_triplet:
-                terms["loss_triplet"] = cfg.weight_triplet * batch_hard_triplet(
-                    features, labels, cfg.triplet_margin)
-            if cfg.loss_use_center:
-                terms["loss_center"] = cfg.center_loss_weight * self.center(bn_features, labels)
-            if cfg.loss_use_i2t and cfg.stage_mode == "prompt_then_image":
-                text = self._identity_text if cfg.freeze_prompt else self.prompts(
+            with self.precision.autocast():
+                features = model.backbone.encode_image(images)
+            with self.precision.fp32():
+                features = features.float()
+                bn_features, logits = model.head(features, labels)
+                text = self._identity_text if cfg.freeze_prompt else model.prompts(
                     torch.arange(len(data.identities), device=self.device)).float()
-                terms["loss_i2t"] = cfg.weight_i2t * image_to_text_ce(
-                    features, text, labels, self.logit_scale, cfg.label_smoothing)
-            loss = sum(terms.values())
+                inputs = LossInputs(cfg, labels, model.logit_scale, features=features,
+                                    bn_features=bn_features,
+                                    logits=model.id_logits(bn_features, logits),
+                                    identity_text=text, center=model.center)
+                terms = weighted_terms(cfg, "image", inputs)
+                loss = sum(terms.values())
             self._check_finite(loss, "image", epoch)
-            self._step(loss, [p for g in self.optimizer.param_groups for p in g["params"]],
+            self._step(loss, [p for g in self.optim.optimizer.param_groups for p in g["params"]],
                        center=cfg.loss_use_center and cfg.update_centers)
-            sums.add(len(batch), loss_total=loss, **terms)
+            sums.add(len(batch), **{TOTAL_COLUMNS["image"]: loss}, **terms)
             bar.update(1)
-        self.schedule.after_epoch()
+        self.optim.schedule.after_epoch()
         metrics = sums.means()
-        metrics.update(group_learning_rates(self.optimizer))
         val = self.validate()
         improved = (val["rank1"], val["mAP"]) > (self.best["rank1"], self.best["mAP"])
         if improved:
@@ -450,25 +348,20 @@ class Trainer:
 
     def _val_columns(self, val: dict[str, float] | None) -> dict[str, float]:
         val = val or {}
-        best_r1 = max(self.best["rank1"], val.get("rank1", -1.0)) if self.stage == "image" \
-            else val.get("rank1", float("nan"))
-        best_map = max(self.best["mAP"], val.get("mAP", -1.0)) if self.stage == "image" \
-            else val.get("mAP", float("nan"))
-        return {"val_rank1": val.get("rank1", float("nan")),
-                "val_rank5": val.get("rank5", float("nan")),
-                "val_rank10": val.get("rank10", float("nan")),
-                "val_mAP": val.get("mAP", float("nan")),
+        nan = float("nan")
+        in_image_stage = self.stage == "image"
+        best_r1 = max(self.best["rank1"], val.get("rank1", -1.0)) if in_image_stage \
+            else val.get("rank1", nan)
+        best_map = max(self.best["mAP"], val.get("mAP", -1.0)) if in_image_stage \
+            else val.get("mAP", nan)
+        return {"val_rank1": val.get("rank1", nan), "val_rank5": val.get("rank5", nan),
+                "val_rank10": val.get("rank10", nan), "val_mAP": val.get("mAP", nan),
                 "best_val_rank1": best_r1, "best_val_mAP": best_map}
 
     # ------------------------------------------------------------------ shared steps
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        if self.device.type == "cuda" and self.config.model == "rn50":
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
@@ -480,48 +373,46 @@ class Trainer:
                             "loss": float(loss.detach())})
 
     def _step(self, loss: torch.Tensor, params, center: bool = False) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.center_optimizer is not None:
-            self.center_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        optimizer, center_optimizer = self.optim.optimizer, self.optim.center_optimizer
+        optimizer.zero_grad(set_to_none=True)
+        if center_optimizer is not None:
+            center_optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
         if self.config.max_norm is not None:
+            self.precision.unscale(optimizer)
             torch.nn.utils.clip_grad_norm_(list(params), self.config.max_norm)
-        self.optimizer.step()
-        if center and self.center_optimizer is not None:
+        stepped = [optimizer]
+        if center and center_optimizer is not None:
             # Undo the loss weight on the centres' gradient, then actually step them (B6).
-            rescale_center_grads(self.center, self.config.center_loss_weight)
-            self.center_optimizer.step()
-        self.schedule.after_batch()
+            self.precision.unscale(center_optimizer)
+            rescale_center_grads(self.model.center, self.config.center_loss_weight)
+            stepped.append(center_optimizer)
+        self.precision.step(stepped)
+        self.optim.schedule.after_batch()
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def extract(self, rows: np.ndarray, feature: str | None = None,
                 normalized: bool = True) -> torch.Tensor:
-        """L2-normalised features of store rows in eval mode: "raw", "pre_bn" or "post_bn";
-        ``normalized=False`` feeds [0,1] pixels (upstream train/val inputs, B1)."""
+        """L2-normalised features of store rows in eval mode: "raw", "pre_bn", "post_bn" or
+        "concat"; ``normalized=False`` feeds [0,1] pixels (upstream train/val inputs, B1)."""
         feature = feature or self.config.eval_feature
-        was_training = self.backbone.training
-        self.backbone.eval()
-        self.head.eval()
+        model = self.model
+        was_training = model.backbone.training
+        model.backbone.eval()
+        model.head.eval()
         outputs = []
         batch_size = max(self.config.batch_size, 64)
         for start in range(0, len(rows), batch_size):
             batch = self.data.store.batch(rows[start:start + batch_size])
             images = self._to_device(normalize(batch, normalized))
-            with self._autocast():
-                f = self._embed(images, feature)
+            with self.precision.autocast():
+                f = model.embed(images, feature)
                 if self.config.eval_flip and feature != "raw":
-                    f = (f + self._embed(images.flip(-1), feature)) / 2
+                    f = (f + model.embed(images.flip(-1), feature)) / 2
             outputs.append(f.float())
-        self.backbone.train(was_training)
-        features = torch.cat(outputs)
-        return F.normalize(features, dim=1)
-
-    def _embed(self, images: torch.Tensor, feature: str) -> torch.Tensor:
-        f = self.backbone.encode_image(images)
-        if feature == "post_bn":
-            f = self.head.bnneck(f.float())
-        return f
+        model.backbone.train(was_training)
+        return F.normalize(torch.cat(outputs), dim=1)
 
     def validate(self) -> dict[str, float]:
         """Selection metrics: held-out training identities, or test split 1 (B11 switch)."""
@@ -550,33 +441,17 @@ class Trainer:
     def _fuse_sos_text(self, features: torch.Tensor) -> torch.Tensor:
         """Upstream's test features (B12): (image + SOS text feature) / 2, not re-normalised.
         The SOS output of the causal text transformer is the same for every identity."""
-        pool = self.prompts.pool
-        self.prompts.pool = "sos"
-        text = self.prompts(torch.zeros(1, dtype=torch.long, device=self.device)).float().cpu()
-        self.prompts.pool = pool
+        prompts = self.model.prompts
+        pool = prompts.pool
+        prompts.pool = "sos"
+        text = prompts(torch.zeros(1, dtype=torch.long, device=self.device)).float().cpu()
+        prompts.pool = pool
         return (features + F.normalize(text, dim=1)) / 2
 
     # ------------------------------------------------------------------ state
-    def model_state(self, copy_tensors: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-        state = {"backbone": self.backbone.state_dict(), "prompts": self.prompts.state_dict(),
-                 "head": self.head.state_dict(), "center": self.center.state_dict()}
-        if self.loss_head is not None:
-            state["loss_head"] = self.loss_head.state_dict()
-        if copy_tensors:  # a real snapshot, not views of the live weights (B9)
-            state = {k: {n: t.detach().clone() for n, t in v.items()} for k, v in state.items()}
-        return state
-
-    def load_model_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        self.backbone.load_state_dict(state["backbone"])
-        self.prompts.load_state_dict(state["prompts"])
-        self.head.load_state_dict(state["head"])
-        self.center.load_state_dict(state["center"])
-        if self.loss_head is not None:
-            self.loss_head.load_state_dict(state["loss_head"])
-
     def restore_best(self) -> None:
         if self.best["state"] is not None:
-            self.load_model_state(self.best["state"])
+            self.model.load_part_state(self.best["state"])
             self.log(f"[train] restored the best weights (stage-2 epoch {self.best['epoch']}, "
                      f"val Rank-1 {self.best['rank1']:.4f})")
 
@@ -587,27 +462,23 @@ class Trainer:
             "stage": self.stage, "epoch_done": self.epoch_done, "iteration": self.iteration,
             "status": self.status, "patience": self.patience,
             "history": copy.deepcopy(self.history), "initial_val": self.initial_val,
-            "best": {k: v for k, v in self.best.items()},
+            "best": dict(self.best),
             "model": self.model_state(),
             "optim": self._optim_state(),
             "torch_rng": torch.get_rng_state(),
         }
 
     def _optim_state(self) -> dict[str, Any] | None:
-        if self._stage_setup is None:
+        if self._stage_setup is None or self.optim is None:
             return None
-        return {"stage": self._stage_setup, "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "center": self.center_optimizer.state_dict() if self.center_optimizer else None}
-
-    def _load_optim_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        if state["center"] is not None and self.center_optimizer is not None:
-            self.center_optimizer.load_state_dict(state["center"])
+        center = self.optim.center_optimizer
+        return {"stage": self._stage_setup, "optimizer": self.optim.optimizer.state_dict(),
+                "schedule": self.optim.schedule.state_dict(),
+                "center": center.state_dict() if center else None,
+                "scaler": self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_model_state(state["model"])
+        self.model.load_part_state(state["model"])
         self.stage, self.epoch_done = state["stage"], state["epoch_done"]
         self.iteration, self.status = state["iteration"], state["status"]
         self.patience, self.history = state["patience"], state["history"]

@@ -1,0 +1,102 @@
+"""The losses of both stages as one table: the only place a new loss is added.
+
+Each row names its history column, the knob that switches it on, the knob that weighs it and the
+function that computes it from a :class:`LossInputs`. The image epoch sums the active rows, the
+config's consistency check refuses a stage with no active row, and the report's history columns
+and loss figure are built from the same rows.
+
+A row's function returns the unweighted loss; the trainer multiplies by the weight knob, so the
+logged column is the weighted term that enters the total.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import losses
+
+
+@dataclass
+class LossInputs:
+    """What one batch offers the loss functions (fp32 tensors; see the trainer)."""
+
+    config: Any  # RunConfig: kept untyped so this module does not import the schema
+    labels: Any
+    logit_scale: float
+    features: Any = None  # stage 2: image features before the BNNeck
+    bn_features: Any = None  # stage 2: after the BNNeck
+    logits: Any = None  # stage 2: ID-head logits
+    identity_text: Any = None  # stage 2: [identities, dim] text feature of every identity
+    center: Any = None  # stage 2: the CenterLoss module
+    image: Any = None  # stage 1: cached image features
+    text: Any = None  # stage 1: prompt text features
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    name: str
+    stage: str  # "prompt" | "image"
+    toggle: str  # RunConfig bool knob
+    weight: str  # RunConfig float knob
+    function: Callable[[LossInputs], Any]
+    help: str
+    needs_prompt_stage: bool = False  # compares with learnt prompts, so needs stage 1
+
+    @property
+    def column(self) -> str:
+        return f"loss_{self.name}" if self.stage == "image" else f"prompt_loss_{self.name}"
+
+    def active(self, config: Any) -> bool:
+        if not getattr(config, self.toggle):
+            return False
+        return not self.needs_prompt_stage or config.stage_mode == "prompt_then_image"
+
+
+def _supcon(x: LossInputs, anchors: Any, contrasts: Any) -> Any:
+    return losses.supcon_loss(anchors, contrasts, x.labels, x.labels, x.logit_scale,
+                              exclude_own_pair=x.config.supcon_exclude_own_pair)
+
+
+LOSS_TABLE: tuple[LossTerm, ...] = (
+    LossTerm("i2t", "prompt", "loss_use_supcon", "weight_supcon",
+             lambda x: _supcon(x, x.image, x.text), "SupCon, images as anchors"),
+    LossTerm("t2i", "prompt", "loss_use_supcon", "weight_supcon",
+             lambda x: _supcon(x, x.text, x.image), "SupCon, texts as anchors"),
+    LossTerm("id", "image", "loss_use_id", "weight_id",
+             lambda x: losses.id_loss(x.logits, x.labels, x.config.label_smoothing),
+             "ID cross-entropy on the linear or ArcFace head"),
+    LossTerm("triplet", "image", "loss_use_triplet", "weight_triplet",
+             lambda x: losses.batch_hard_triplet(x.features, x.labels, x.config.triplet_margin),
+             "batch-hard triplet on the image features"),
+    LossTerm("center", "image", "loss_use_center", "center_loss_weight",
+             lambda x: x.center(x.bn_features, x.labels), "center loss on the BNNeck features"),
+    LossTerm("i2t", "image", "loss_use_i2t", "weight_i2t",
+             lambda x: losses.image_to_text_ce(x.features, x.identity_text, x.labels,
+                                               x.logit_scale, x.config.label_smoothing),
+             "image to every identity's text, cross-entropy", needs_prompt_stage=True),
+)
+
+
+def stage_terms(stage: str) -> tuple[LossTerm, ...]:
+    return tuple(term for term in LOSS_TABLE if term.stage == stage)
+
+
+def active_terms(config: Any, stage: str) -> tuple[LossTerm, ...]:
+    return tuple(term for term in stage_terms(stage) if term.active(config))
+
+
+def weighted_terms(config: Any, stage: str, inputs: LossInputs) -> dict[str, Any]:
+    """Column -> weight x loss for every active term of a stage."""
+    return {term.column: getattr(config, term.weight) * term.function(inputs)
+            for term in active_terms(config, stage)}
+
+
+TOTAL_COLUMNS = {"prompt": "prompt_loss", "image": "loss_total"}
+"""The summed loss of each stage's epoch, beside the per-term columns."""
+
+
+def history_columns() -> list[str]:
+    """Every loss column an epoch row can hold, totals first."""
+    return [*TOTAL_COLUMNS.values(), *(term.column for term in LOSS_TABLE)]
