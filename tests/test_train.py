@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from tune_clipfh.config import build_config
+from tune_clipfh.loss_table import stage_terms
 from tune_clipfh.train.optim import ParamGroup, ScheduleSpec, StageSchedule, build_optimizer
 from tune_clipfh.train.run import evaluate_run, load_torch, prepare_data, train_run
-from tune_clipfh.train.stages import Trainer
+from tune_clipfh.train.precision import Precision, autocast_dtype
+from tune_clipfh.train.stages import DeviceUnavailable, Trainer, pick_device
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -56,10 +58,9 @@ def test_short_run_beats_chance_and_the_untrained_model(data, cache_dir):
     assert result.test["mean"]["rank1"] >= 3 / 40
 
 
-@pytest.mark.parametrize("flag, term", [("loss_use_id", "loss_id"),
-                                        ("loss_use_triplet", "loss_triplet"),
-                                        ("loss_use_i2t", "loss_i2t")])
-def test_each_loss_flag_removes_exactly_its_term(data, cache_dir, flag, term):
+@pytest.mark.parametrize("term", stage_terms("image"), ids=lambda t: t.column)
+def test_each_loss_flag_removes_exactly_its_term(data, cache_dir, term):
+    flag, term = term.toggle, term.column
     on = trainer_for(data, cache_dir, loss_use_center=True).run()
     off = trainer_for(data, cache_dir, loss_use_center=True, **{flag: False}).run()
     image_on = [r for r in on.history if r["stage"] == "image"][0]
@@ -189,3 +190,97 @@ def test_run_folder_checkpoint_reloads_to_the_same_metrics(cache_dir, tmp_path):
     again = evaluate_run(tmp_path, log=quiet, progress=False)
     for key in ("rank1", "mAP"):
         assert again["mean"][key] == pytest.approx(result.test["mean"][key], abs=1e-9)
+
+
+def test_logged_rate_is_the_rate_the_epoch_trained_at(data, cache_dir):
+    """Per-epoch cosine without warm-up: epoch 1 trains at the base rate, the last epoch at the
+    rate the schedule reaches after epochs - 1 steps (not the next epoch's)."""
+    result = trainer_for(data, cache_dir, stage_mode="image_only", epochs_image=3,
+                         scheduler="cosine", lr_visual=1e-3, eta_min=0.0,
+                         limit_train_batches=1).run()
+    rates = [r["lr_visual"] for r in result.history]
+    assert rates[0] == pytest.approx(1e-3)
+    assert rates[1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert rates[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(2 * math.pi / 3)))
+
+
+def test_limit_train_batches_caps_both_stages(data, cache_dir):
+    trainer = trainer_for(data, cache_dir, limit_train_batches=2)
+    assert trainer.batches_per_epoch == 2 < len(trainer.sampler)
+    steps = []
+    original = trainer._step
+    trainer._step = lambda *a, **k: (steps.append(trainer.stage), original(*a, **k))
+    trainer.run()
+    assert steps == ["prompt", "prompt", "image", "image"]
+
+
+def test_concat_eval_feature_joins_two_unit_halves(data, cache_dir):
+    trainer = trainer_for(data, cache_dir, eval_feature="concat")
+    rows = data.val_rows[:4]
+    raw = trainer.extract(rows, feature="concat") * math.sqrt(2)  # undo the final normalise
+    projected = trainer.extract(rows, feature="pre_bn")
+    half = raw.shape[1] - projected.shape[1]
+    assert torch.allclose(raw[:, :half].norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(raw[:, half:], projected, atol=1e-5)
+    assert trainer.run().test["mean"]["rank1"] > 0
+
+
+def _capture_loss_inputs(trainer, monkeypatch):
+    import tune_clipfh.train.stages as stages
+
+    seen = []
+    original = stages.weighted_terms
+
+    def spy(config, stage, inputs):
+        terms = original(config, stage, inputs)
+        seen.append((inputs, terms))
+        return terms
+
+    monkeypatch.setattr(stages, "weighted_terms", spy)
+    return seen
+
+
+def test_heads_losses_and_logits_stay_fp32_under_autocast(data, cache_dir, monkeypatch):
+    """bf16 autocast covers the encoders only: ArcFace logits in bf16 are off by whole logits."""
+    trainer = trainer_for(data, cache_dir, stage_mode="image_only", id_head="arcface",
+                          arcface_scale=35.0, loss_use_center=True, limit_train_batches=1)
+    trainer.precision = Precision(torch.device("cpu"), torch.bfloat16)
+    seen = _capture_loss_inputs(trainer, monkeypatch)
+    encoded = []
+    trainer.model.backbone.register_forward_hook(lambda m, i, out: encoded.append(out.dtype))
+    trainer.model.backbone.clip.visual.register_forward_hook(
+        lambda m, i, out: encoded.append(out.dtype))
+    trainer.run()
+    assert torch.bfloat16 in encoded  # the encoder did run in bf16
+    inputs, terms = seen[0]
+    for tensor in (inputs.features, inputs.bn_features, inputs.logits, inputs.identity_text):
+        assert tensor.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in terms.values())
+
+
+def test_fp16_uses_a_grad_scaler_that_also_steps_the_centres(data, cache_dir):
+    trainer = trainer_for(data, cache_dir, stage_mode="image_only", loss_use_center=True,
+                          center_loss_weight=0.01, limit_train_batches=2)
+    trainer.precision = Precision(torch.device("cpu"), torch.float16)
+    before = trainer.model.center.centers.detach().clone()
+    result = trainer.run()
+    assert result.status == "completed"
+    assert trainer.precision.scaler is not None and trainer.precision.scaler.get_scale() > 0
+    assert not torch.allclose(before, trainer.model.center.centers)
+
+
+def test_amp_auto_picks_bf16_only_on_cards_that_compute_it(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert autocast_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert autocast_dtype("auto", cuda) == torch.float16
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("off", cuda) is None
+
+
+def test_cuda_requested_without_a_card_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceUnavailable, match="device: cuda requested"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"

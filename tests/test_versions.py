@@ -167,8 +167,9 @@ def test_deltas_name_exactly_what_changed(full):
                                           "arcface_margin": (0.35, 0.4),
                                           "loss_use_triplet": (True, False),
                                           "center_loss_weight": (5e-4, 3e-4)}
+    # OneCycle's own rise replaces the correct mode's linear warm-up
     assert full["rn50"]["v3"].delta == {"scheduler": ("cosine", "onecycle"),
-                                        "lr_visual": (1e-4, 5e-4)}
+                                        "lr_visual": (1e-4, 5e-4), "warmup_epochs": (5.0, 0.0)}
     assert full["rn50"]["v6"].delta == {"unfreeze_mode": ("all", "last_n"),
                                         "unfreeze_blocks": (4, 2),
                                         "freeze_text_encoder": (False, True)}
@@ -261,7 +262,7 @@ def test_unknown_section_is_the_check_search_spaces_share(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_versions(path)
     assert str(error.value) == (f"{path}: section 'comon' is not valid (did you mean "
-                                f"'common'?) (valid: extends, common, profiles, backbones)")
+                                f"'common'?) (valid: extends, common, correct_mode, profiles, backbones)")
 
 
 def test_unknown_profile_and_malformed_yaml(tmp_path):
@@ -273,3 +274,20 @@ def test_unknown_profile_and_malformed_yaml(tmp_path):
     with pytest.raises(ConfigError, match="malformed YAML") as error:
         load_versions(bad)
     assert str(error.value).startswith(str(bad)) and "\n" not in str(error.value)
+
+
+def test_correct_mode_adds_the_b8_warm_up_where_a_version_does_not_state_one():
+    """Spec B8's fix adds a warm-up; OneCycle versions rise by themselves; as-run undoes it."""
+    stated = load_versions()["rn50"]
+    assert stated["v1"].correct_mode == {"prompt_warmup_epochs": 1.0, "warmup_epochs": 5.0}
+    assert stated["v1"].knobs["warmup_epochs"] == 5.0
+    assert stated["v3"].knobs["scheduler"] == "onecycle"
+    assert stated["v3"].correct_mode == {"prompt_warmup_epochs": 1.0}
+    assert stated["v3"].knobs["warmup_epochs"] == 0.0
+    assert "prompt_warmup_epochs" not in stated["v1"].stated  # an addition, not stated
+    as_run = load_versions(VERSIONS_AS_RUN_FILE)["rn50"]
+    assert all(v.correct_mode == {} for v in as_run.values())
+    assert all(v.knobs["warmup_epochs"] == 0.0 == v.knobs["prompt_warmup_epochs"]
+               for v in as_run.values())
+    table = format_versions(list(stated.values()))
+    assert "the correct mode adds" in table and "warmup_epochs 5" in table

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ from ._yaml import read_sections
 # Shipped in the package (search_spaces/ in a checkout links there).
 VERSIONS_FILE = resource_path(SEARCH_SPACES, "versions.yaml")
 VERSIONS_AS_RUN_FILE = resource_path(SEARCH_SPACES, "versions_as_run.yaml")
-SECTIONS = ("extends", "common", "profiles", "backbones")
+SECTIONS = ("extends", "common", "correct_mode", "profiles", "backbones")
+CORRECT_MODE_KEYS = ("note", "set", "unless")
 ENTRY_KEYS = ("inherits", "thesis_run", "note", "set")
 RESERVED_KNOBS = {"model": "the backbone section names the model",
                   "experiment": "each version runs as <backbone>-<version>"}
@@ -56,6 +57,7 @@ class ResolvedVersion:
     knobs: dict[str, Any]  # the full validated flat config, inert and derived keys left out
     delta: dict[str, tuple[Any, Any]]  # vs the previous version of the backbone: (old, new)
     stated: list[str]  # knobs the versions file sets for it; the rest are RunConfig defaults
+    correct_mode: dict[str, Any] = field(default_factory=dict)  # what the correct mode adds
 
 
 def load_versions(path: str | Path | None = None,
@@ -64,6 +66,7 @@ def load_versions(path: str | Path | None = None,
     path = _path(path)
     data = read_sections(path, SECTIONS)
     common = _knobs(data.get("common") or {}, f"{path} [common]")
+    additions = _correct_mode(data.get("correct_mode") or [], f"{path} [correct_mode]")
     profiles = _mapping(data.get("profiles") or {}, f"{path} [profiles]")
     if profile not in profiles:
         raise ConfigError(f"{path}: profile '{profile}' is not defined{suggest(profile, profiles)}"
@@ -73,7 +76,7 @@ def load_versions(path: str | Path | None = None,
     # `extends: other.yaml`: each version starts from the same version of that file, resolved.
     base = load_versions(path.parent / data["extends"], profile) if data.get("extends") else {}
     return {str(backbone): _resolve_backbone(path, str(backbone), versions, common, overlay,
-                                             base.get(str(backbone)))
+                                             base.get(str(backbone)), additions)
             for backbone, versions in backbones.items()}
 
 
@@ -110,6 +113,7 @@ def format_versions(resolved: list[ResolvedVersion], fmt: str = "table") -> str:
             "thesis_run": item.thesis_run,
             "note": item.note,
             "delta": {key: [old, new] for key, (old, new) in item.delta.items()},
+            "correct_mode_adds": item.correct_mode,
             "knobs": item.knobs,
         }
     if fmt == "json":
@@ -161,9 +165,41 @@ def _entry(entry: Any, where: str) -> dict[str, Any]:
             "set": _knobs(entry.get("set") or {}, where)}
 
 
+def _correct_mode(entries: Any, where: str) -> list[dict[str, Any]]:
+    """``correct_mode``: knobs the correct implementation adds to every version's stated ones
+    (the spec's B8 fix adds a warm-up), each entry skipped for versions matching ``unless``."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: expected a list of {{note, set, unless}} entries")
+    parsed = []
+    for index, entry in enumerate(entries):
+        here = f"{where} entry {index + 1}"
+        entry = _mapping(entry, here)
+        for key in entry:
+            if key not in CORRECT_MODE_KEYS:
+                raise ConfigError(f"{here}: unknown key '{key}'{suggest(str(key), CORRECT_MODE_KEYS)}"
+                                  f" (valid: {', '.join(CORRECT_MODE_KEYS)})")
+        if not isinstance(entry.get("note"), str):
+            raise ConfigError(f"{here}: 'note' must say why the correct mode adds this")
+        parsed.append({"set": _knobs(entry.get("set") or {}, here),
+                       "unless": _knobs(entry.get("unless") or {}, here)})
+    return parsed
+
+
+def _added_knobs(additions: list[dict[str, Any]], values: dict[str, Any],
+                 stated: set[str]) -> dict[str, Any]:
+    """The correct-mode knobs that apply to a version: never over a knob it states itself."""
+    added: dict[str, Any] = {}
+    for entry in additions:
+        if any(values.get(key) == value for key, value in entry["unless"].items()):
+            continue
+        added.update({k: v for k, v in entry["set"].items() if k not in stated})
+    return added
+
+
 def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str, Any],
                       overlay: dict[str, Any],
-                      base: dict[str, ResolvedVersion] | None = None
+                      base: dict[str, ResolvedVersion] | None = None,
+                      additions: list[dict[str, Any]] | None = None
                       ) -> dict[str, ResolvedVersion]:
     where = f"{path} [{backbone}]"
     if backbone not in BACKBONES:
@@ -185,6 +221,8 @@ def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str
         for ancestor in _lineage(path, backbone, entries, version):
             values.update(entries[ancestor]["set"])
             stated |= set(entries[ancestor]["set"])
+        added = _added_knobs(additions or [], values, stated - set(common))
+        values.update(added)
         values.update(overlay)
         config = build_config(values, f"{path} [{backbone} {version}]").config
         knobs = {key: value for key, value in config.to_dict().items()
@@ -192,8 +230,11 @@ def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str
         delta = {} if previous is None else {
             key: (previous[key], value) for key, value in knobs.items()
             if key != "experiment" and previous[key] != value}
+        if base is not None and not added:  # an extending file keeps what its base added
+            added = {k: knobs[k] for k in base[version].correct_mode if k not in stated}
         resolved[version] = ResolvedVersion(backbone, version, entry["thesis_run"], entry["note"],
-                                            knobs, delta, [key for key in FIELDS if key in stated])
+                                            knobs, delta, [key for key in FIELDS if key in stated],
+                                            {k: knobs[k] for k in added})
         previous = knobs
     return resolved
 
@@ -251,6 +292,12 @@ def _table(items: list[ResolvedVersion]) -> str:
             "same in every version: " + ", ".join(f"{key} {_cell(items[0].knobs[key])}"
                                                   for key in shared),
             width=TABLE_WIDTH, subsequent_indent="  "))
+    if any(item.correct_mode for item in items):
+        lines.append("the correct mode adds (spec B8 fix; not stated by the thesis):")
+        name_width = max(len(item.version) for item in items)
+        for item in items:
+            added = "; ".join(f"{key} {_cell(value)}" for key, value in item.correct_mode.items())
+            lines.append(f"  {item.version.ljust(name_width)}  {added or '-'}")
     lines.append("changes vs previous:")
     name_width = max(len(item.version) for item in items)
     for item in items:
