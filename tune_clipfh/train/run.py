@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, build_config
-from ..data.prepared import PreparedData, load_prepared, resolve_data_dir
+from ..data.prepared import PreparedData, identity_set_for, load_prepared, resolve_data_dir
 from ..evaluation import UPSTREAM_COLUMNS, upstream_table_row
 from ..model.registry import backbone_spec
 from .stages import EpochRecord, Trainer, TrainResult
@@ -70,8 +70,10 @@ def prepare_data(config: RunConfig, log: Callable[[str], None] = stderr_log,
                  progress: bool = True) -> PreparedData:
     """Resolve ``data_dir`` (synthesising the embedded default when absent) and load it."""
     data_dir = resolve_data_dir(config.data_dir, config.cache_dir, log=log)
+    # as-run selection on test split 1 trains on all training identities, as upstream did (B11)
     return load_prepared(data_dir, backbone_spec(config.model).input_size(config.profile),
-                         cache_dir=config.cache_dir, progress=progress)
+                         cache_dir=config.cache_dir, progress=progress,
+                         identity_set=identity_set_for(config.select_on))
 
 
 def jsonable(value: Any) -> Any:
