@@ -1,5 +1,6 @@
 """The training core on tiny models and synthetic data: it learns, every knob does what it says."""
 
+import json
 import math
 import os
 
@@ -284,3 +285,17 @@ def test_cuda_requested_without_a_card_is_a_clear_error(monkeypatch):
     with pytest.raises(DeviceUnavailable, match="device: cuda requested"):
         pick_device("cuda")
     assert pick_device("auto").type == "cpu"
+
+
+def test_zero_shot_evaluates_the_untrained_model_in_a_run_format(data, cache_dir, tmp_path):
+    from tune_clipfh.train.run import zero_shot_run
+
+    config = make_config(cache_dir, limit_train_batches=1)
+    result = zero_shot_run(config, tmp_path / "zs", log=quiet, progress=False)
+    trained = Trainer(config, data, log=quiet, progress=False).run()
+    written = json.loads((tmp_path / "zs" / "test_results.json").read_text())
+    assert len(written["per_split"]) == 10
+    assert written["mean"]["rank1"] == pytest.approx(result["test"]["mean"]["rank1"])
+    # the same model before any training: the run's own starting point
+    assert result["val"]["rank1"] == pytest.approx(trained.history[0]["val_rank1"])
+    assert json.loads((tmp_path / "zs" / "summary.json").read_text())["zero_shot"] is True

@@ -201,7 +201,7 @@ def _inspect(path: Path) -> tuple[str | None, str | None]:
             img.load()
             return None, img.mode
     # Decoders raise many exception types on bad data; any of them means unusable.
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"unreadable image ({type(exc).__name__}: {' '.join(str(exc).split())})", None
 
 

@@ -195,6 +195,29 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = stderr_log,
     return trainer.test()
 
 
+def zero_shot_run(config: RunConfig, out_dir: Path | None = None, *,
+                  log: Callable[[str], None] = stderr_log,
+                  progress: bool = True) -> dict[str, Any]:
+    """The pretrained model as it is, no training: validation and the 10 test splits.
+
+    With ``out_dir`` it writes ``test_results.json`` / ``.csv`` in a run's format, and a
+    ``summary.json`` marked ``zero_shot``, so reports can draw it as a reference.
+    """
+    started = time.perf_counter()
+    data = prepare_data(config, log=log, progress=progress)
+    trainer = Trainer(config, data, log=log, progress=progress)
+    val, test = trainer.validate(), trainer.test()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", config.to_yaml())
+        write_test_results(out_dir, test, f"{config.experiment}-zero-shot")
+        summary = {"status": "zero_shot", "zero_shot": True, "best_val": val,
+                   "test_mean": test["mean"], "test_std": test["std"],
+                   "wall_time_s": time.perf_counter() - started}
+        atomic_write_text(out_dir / "summary.json", json.dumps(jsonable(summary), indent=1))
+    return {"val": val, "test": test}
+
+
 def result_lines(test: dict[str, Any]) -> list[str]:
     mean, std = test["mean"], test["std"]
     return [f"{k:7s} {mean[k] * 100:6.2f} +- {std[k] * 100:5.2f} %"
