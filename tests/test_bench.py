@@ -12,12 +12,20 @@ import pytest
 import torch
 
 from tune_clipfh import bench
+from tune_clipfh.bench.cuda import cuda_throughput
+from tune_clipfh.bench.evaluator import reference_rank_metrics
+from tune_clipfh.bench.harness import ProcessSampler
+from tune_clipfh.bench.input_pipeline import _timed_data_path, cuda_wait_share
+from tune_clipfh.bench.memory import driver_growth_per_trial
 from tune_clipfh.cli import main
+from tune_clipfh.data.loader import BatchLoader
+from tune_clipfh.data.store import Augment, ImageStore
 from tune_clipfh.evaluation import rank_metrics
 
 TINY = bench.Settings(mode="test", eval_sizes=(200, 400), eval_loop_queries=100, eval_repeats=2,
                       eval_memory_size=1500, eval_feature_dim=32, pipeline_epochs=1,
-                      prompt_epochs=2)
+                      prompt_epochs=2, pipeline_batch=16, pipeline_store_images=48,
+                      pipeline_repeats=3, pipeline_steps=3, pipeline_cuda_repeats=1)
 ROW_KEYS = {"line", "key", "name", "value", "unit", "target", "target_op", "target_value",
             "passed", "status", "note", "times"}
 STATUSES = {"pass", "fail", "info", "skip", "error"}
@@ -79,6 +87,13 @@ def test_pipeline_and_prompt_rows_are_computed(cheap_report):
     assert decode["value"] > 0 and "pixels identical" in decode["note"]
     prompt = rows["4.speedup"]
     assert prompt["value"] > 0 and prompt["times"]["cached_epoch_s"] > 0
+    host = rows["3.host_224"]
+    assert host["target_op"] == "<=" and host["target_value"] == 5.0
+    assert 0 < host["value"] and 0 < host["times"]["resident_host_s"]
+    speedup = rows["3.cpu_speedup_224"]
+    assert speedup["value"] > 0 and speedup["times"]["legacy_s"] > 0
+    if not torch.cuda.is_available():
+        assert rows["3.cuda_wait"]["status"] == "skip"
 
 
 def test_cuda_line_skips_cleanly_without_a_gpu(cheap_report):
@@ -96,7 +111,7 @@ def test_cuda_step_code_runs_on_cpu_tiny():
     settings = bench.Settings(mode="test", cuda_batch=4, cuda_steps=1, cuda_warmup=0)
     ctx = bench.Context(settings)
     try:
-        rows = bench.cuda_throughput(ctx, device=torch.device("cpu"), profile="tiny")
+        rows = cuda_throughput(ctx, device=torch.device("cpu"), profile="tiny")
     finally:
         ctx.close()
     assert [row.key for row in rows] == [
@@ -105,6 +120,44 @@ def test_cuda_step_code_runs_on_cpu_tiny():
     assert all(row.value > 0 for row in rows)
     assert all(row.times["flops_per_step"] > 0 for row in rows if "train" in row.key)
     assert "MFU n/a" in rows[0].note  # no peak known for "cpu"
+    assert rows[0].name == "CUDA ViT-B/16 train step, fp32"  # the registry's label
+
+
+def test_cuda_wait_share_code_runs_on_cpu_tiny():
+    """Line 3's CUDA rows (training steps fed by the BatchLoader vs one ready batch) with
+    device=cpu on the tiny profile."""
+    settings = bench.Settings(mode="test", pipeline_batch=8, pipeline_store_images=24,
+                              pipeline_steps=2, pipeline_cuda_repeats=1, cuda_warmup=0)
+    ctx = bench.Context(settings)
+    try:
+        rows = cuda_wait_share(ctx, device=torch.device("cpu"), profile="tiny")
+    finally:
+        ctx.close()
+    assert [row.key for row in rows] == ["3.cuda_wait", "3.cuda_wait_staged"]
+    assert all(0 <= row.value < 100 and row.times["fed_s"] > 0 for row in rows)
+    assert rows[0].target_op == "<=" and "64 px" in rows[0].note
+
+
+def test_data_path_timing_counts_batch_loader_waits():
+    """Line 3's data share counts a trainer's BatchLoader (epoch, evaluation, plain) as well as
+    its own store reads, and puts everything back afterwards."""
+    images = np.zeros((12, 8, 8, 3), np.uint8)
+    store = ImageStore(images, {}, "unused")
+    trainer = type("FakeTrainer", (), {})()
+    trainer.data = type("FakeData", (), {"store": store})()
+    loader = BatchLoader(store, np.arange(12), "cpu", Augment(pad_crop=2))
+    methods = (BatchLoader.epoch, BatchLoader.evaluation, BatchLoader.plain)
+    clock = {"data": 0.0}
+    with _timed_data_path(trainer, clock):
+        assert [len(p) for _, p in loader.epoch([[0, 1], [2, 3, 4]])] == [2, 3]
+        after_epoch = clock["data"]
+        assert after_epoch > 0
+        assert [len(b) for b in loader.evaluation(np.arange(5), 2)] == [2, 2, 1]
+        assert clock["data"] > after_epoch
+        loader.plain([1, 2])
+        trainer.data.store.batch([0])
+    assert trainer.data.store is store
+    assert (BatchLoader.epoch, BatchLoader.evaluation, BatchLoader.plain) == methods
 
 
 def test_reference_loop_matches_rank_metrics_with_ties():
@@ -112,7 +165,7 @@ def test_reference_loop_matches_rank_metrics_with_ties():
     distance = rng.integers(0, 4, (60, 50)).astype(np.float32)  # many ties
     query_ids = rng.integers(0, 6, 60)
     gallery_ids = rng.integers(0, 6, 50)
-    expected = bench.reference_rank_metrics(distance, query_ids, gallery_ids)
+    expected = reference_rank_metrics(distance, query_ids, gallery_ids)
     got = rank_metrics(distance, query_ids, gallery_ids)
     np.testing.assert_allclose(got["cmc"], expected["cmc"], atol=1e-12)
     assert got["mAP"] == pytest.approx(expected["mAP"], abs=1e-12)
@@ -140,10 +193,10 @@ def test_parse_lines_and_cli_errors(capsys):
 
 
 def test_driver_growth_slope():
-    sampler = bench.ProcessSampler()
+    sampler = ProcessSampler()
     sampler.driver = [(float(t), 1000 + 10 * t) for t in range(100)]
     completions = [float(t) for t in range(0, 100, 10)]
-    assert bench.driver_growth_per_trial(sampler, completions) == pytest.approx(100.0)
+    assert driver_growth_per_trial(sampler, completions) == pytest.approx(100.0)
 
 
 @pytest.mark.slow

@@ -14,27 +14,16 @@ import torch
 from PIL import Image
 
 from tune_clipfh.cli import main
-from tune_clipfh.data import (
-    CLIP_MEAN,
-    CLIP_STD,
-    Augment,
-    DataError,
-    ImageStore,
-    PKSampler,
-    RandomBatchSampler,
-    Sample,
-    _splits,
-    augment,
-    load_manifest,
-    normalize,
-    prepare_11k,
-    prepare_hd,
-    save_manifest,
-    synthesize,
-    upstream_training_view,
-)
+from tune_clipfh.data import _splits
 from tune_clipfh.data import store as store_module
+from tune_clipfh.data.errors import DataError
+from tune_clipfh.data.hands11k import prepare_11k
+from tune_clipfh.data.hd import prepare_hd
+from tune_clipfh.data.manifest import Sample, load_manifest, save_manifest, upstream_training_view
 from tune_clipfh.data.prepared import identity_set_for, load_prepared
+from tune_clipfh.data.sampler import PKSampler, RandomBatchSampler
+from tune_clipfh.data.store import CLIP_MEAN, CLIP_STD, Augment, ImageStore, augment, normalize
+from tune_clipfh.data.synth import synthesize
 from tune_clipfh.errors import UserError
 
 from handinfo_csv import COLUMNS, dorsal_right_files, read_rows, write_rows
