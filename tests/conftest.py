@@ -1,29 +1,52 @@
-"""Shared test set-up: offline, no Ray auth token, one synthetic-data cache and one Ray session.
+"""Shared test set-up: offline, Ray token authentication on with a token of the test session's
+own, one synthetic-data cache and one Ray session.
 
-* ``HF_HUB_OFFLINE`` and ``RAY_AUTH_MODE`` are set at import, before anything imports open_clip
-  or starts Ray.
+* ``HF_HUB_OFFLINE`` is set at import, before anything imports open_clip.
+* Ray's token authentication is on for every cluster the tests start (``RAY_AUTH_MODE=token``,
+  set at import: Ray reads it when imported), with a private token file in a temporary folder
+  (``RAY_AUTH_TOKEN_PATH``), so the tests never read or write the user's ``~/.ray``. Driver
+  subprocesses inherit both and so attach with the token.
 * ``TUNE_CLIPFH_CACHE`` points at one temporary folder for the whole test session, so the
   synthetic dataset and its decoded image stores are built once per session (and never in the
   user's own cache).
-* ``ray_session``: one local Ray instance (2 CPUs) shared by every test that runs trials in this
-  process; tests that need a cluster or a driver of their own run it in a subprocess
-  (``run_driver`` / ``kill_process_group`` below).
+* ``ray_session``: one local Ray instance (2 CPUs), started as the project starts one
+  (``init_ray``), shared by every test that runs trials in this process; tests that need a
+  cluster or a driver of their own run it in a subprocess (``drivers`` below).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _session_token() -> Path:
+    """A random token in a folder only this user can open, removed when the session ends."""
+    folder = Path(tempfile.mkdtemp(prefix="tune-clipfh-ray-auth-"))  # mode 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / "auth_token"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return path
+
+
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.pop("RAY_AUTH_TOKEN", None)  # it would take precedence over the file
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_session_token())
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,24 +67,28 @@ def session_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_session(session_cache):
-    """One local Ray instance for the test run (``init_ray`` is a no-op once Ray is up).
+    """One local Ray instance for the test run, started by ``init_ray`` (which is a no-op once
+    Ray is up, so every experiment of the session uses it).
 
     Started after ``TUNE_CLIPFH_CACHE`` is set: Ray's workers inherit the environment of the
-    moment Ray starts.
+    moment Ray starts. (Imported here, not at the top: tests that use no Ray load no Ray.)
     """
     import ray
 
+    from tune_clipfh.tune.experiment import ExperimentOptions, init_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+        init_ray(ExperimentOptions(), num_cpus=2)
     yield ray
     if started:
         ray.shutdown()
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for a driver of its own: never attached to the shared Ray session."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def subprocess_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """The environment for a driver of its own: never attached to the shared Ray session;
+    without the variables in ``drop``, with ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *drop)}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
@@ -109,10 +136,11 @@ class Drivers:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], log: Path, cwd: Path | None = None,
-              **env: str) -> subprocess.Popen:
+              drop: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
+        """Start ``argv`` in ``subprocess_env(drop, **env)``, its output to ``log``."""
         with open(log, "ab") as handle:
             proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT,
-                                    cwd=str(cwd or REPO), env=subprocess_env(**env),
+                                    cwd=str(cwd or REPO), env=subprocess_env(drop, **env),
                                     start_new_session=True)
         self.procs.append(proc)
         return proc

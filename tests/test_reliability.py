@@ -18,18 +18,22 @@
   a worker node of a two-node cluster removed mid-search; a 200-trial search with the driver's
   memory growth bounded.
 * Safety: YAML through the safe loader only, ``weights_only`` checkpoints, no shell, eval or
-  exec, no Ray dashboard (and what Ray itself listens on).
+  exec, no Ray dashboard; Ray's token authentication on, with a private token file, so a
+  driver without the token cannot attach to a cluster the project starts (and what Ray itself
+  listens on).
 """
 
 from __future__ import annotations
 
 import ast
+import ipaddress
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -39,13 +43,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from PIL import Image
+from ray.tune import ExperimentAnalysis
 
 from tune_clipfh.cli import main
-from tune_clipfh.data import load_manifest, prepare_11k, synthesize
+from tune_clipfh.config import build_config
+from tune_clipfh.data.hands11k import prepare_11k
+from tune_clipfh.data.manifest import load_manifest
+from tune_clipfh.data.synth import synthesize
+from tune_clipfh.model.backbone import create_backbone
+from tune_clipfh.train import run as run_module
+from tune_clipfh.tune import experiment
+from tune_clipfh.tune.experiment import (
+    AUTH_MODE_VAR,
+    TOKEN_PATH_VAR,
+    TOKEN_VAR,
+    ExperimentOptions,
+    fixed_trials,
+    init_ray,
+    reproduce,
+    run_fixed_trials,
+)
+from tune_clipfh.tune.progress import trial_label
+from tune_clipfh.tune.results import load_results
 
-from handinfo_csv import COLUMNS, read_rows, write_rows
+from handinfo_csv import COLUMNS, dorsal_right_files, read_rows, write_rows
+from tune_helpers import rows_reported, tune_lines, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tune_clipfh"
@@ -245,8 +270,6 @@ def _openai_offline(ctx: Ctx):
 
 
 def _wrong_architecture(ctx: Ctx):
-    from tune_clipfh.model import create_backbone
-
     weights = ctx.tmp / "tiny-rn.pt"
     torch.save(create_backbone("rn50", "tiny").clip.state_dict(), weights)
     _, argv, out = _train(ctx, {**TINY_TRAIN, "model": "vitb16", "pretrained": str(weights),
@@ -395,21 +418,13 @@ def test_bad_input_table_covers_the_issue():
 # Corrupt data, end to end: prepare -> train
 
 
-def _dorsal_right(src: Path) -> dict[str, list[str]]:
-    files: dict[str, list[str]] = {}
-    for row in read_rows(src):
-        if row["aspectOfHand"] == "dorsal right" and row["accessories"] == "0":
-            files.setdefault(row["id"], []).append(row["imageName"])
-    return files
-
-
 def test_corrupt_images_are_skipped_or_converted_and_counted_end_to_end(pristine_src, tmp_path,
                                                                         capsys):
     """The policy of data/_splits.py: broken files skipped and counted, other modes converted
     and counted, identities left with one image dropped and counted; training runs on it."""
     src = Path(shutil.copytree(pristine_src, tmp_path / "src"))
     hands = src / "Hands"
-    groups = sorted(_dorsal_right(src).items())
+    groups = sorted(dorsal_right_files(src).items())
     big = [names for _, names in groups if len(names) >= 4]
     # Skipped: one broken file in each of three identities with 4+ images (none drops below 2).
     truncated, empty, text = big[0][-1], big[1][-1], big[2][-1]
@@ -482,9 +497,6 @@ def _quiet(_line: str) -> None:
 
 def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(small_data, tmp_path,
                                                                     monkeypatch, capsys):
-    from tune_clipfh.config import build_config
-    from tune_clipfh.train import run as run_module
-
     knobs = {**TINY_TRAIN, "model": "rn50", "data_dir": str(small_data), "epochs_image": 3,
              "checkpoint_every": 1, "seed": 2}
     config = build_config(knobs, "test").config
@@ -538,9 +550,6 @@ FAULTS = {"v1": "nan@image:2", "v5": "raise@image:2"}  # v6 runs clean
 
 @pytest.fixture(scope="module")
 def fault_experiment(ray_session, small_data, tmp_path_factory):
-    from tune_clipfh.tune.experiment import ExperimentOptions, fixed_trials, run_fixed_trials
-    from tune_clipfh.tune.results import load_results
-
     trials = fixed_trials(["rn50"], ["v1", "v5", "v6"], "tiny", FAULT_OVERRIDES)
     for trial in trials:
         if trial["version"] in FAULTS:
@@ -573,10 +582,6 @@ def test_nan_loss_ends_the_trial_as_diverged_and_the_experiment_goes_on(fault_ex
 
 
 def test_raising_trial_is_retried_from_its_checkpoint_and_continues(fault_experiment):
-    from ray.tune import ExperimentAnalysis
-
-    from tune_clipfh.tune.progress import trial_label
-
     path, frame = fault_experiment
     analysis = ExperimentAnalysis(str(path))
     trials = {trial_label(t.config): t for t in analysis.trials}
@@ -668,10 +673,6 @@ def test_no_shell_eval_or_exec_on_user_strings():
 
 
 def test_ray_dashboard_is_off_by_default(monkeypatch):
-    import ray
-
-    from tune_clipfh.tune.experiment import ExperimentOptions, init_ray
-
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: calls.append((args, kwargs)))
@@ -680,6 +681,77 @@ def test_ray_dashboard_is_off_by_default(monkeypatch):
     assert len(calls) == 2
     assert all(kwargs["include_dashboard"] is False for _, kwargs in calls)
     assert calls[1][1]["address"] == "10.0.0.1:6379"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_local_cluster_gets_token_auth_with_a_private_token_file(monkeypatch, tmp_path,
+                                                                   capsys):
+    """Whatever RAY_AUTH_MODE says, a cluster init_ray starts has token authentication (the
+    mode left to Ray's own default for new local clusters, token), and the token file is
+    created, or made, readable by its owner only; with an address, the user's own Ray
+    settings apply untouched."""
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(
+        (kwargs, os.environ.get(AUTH_MODE_VAR))))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv(TOKEN_VAR, raising=False)
+    monkeypatch.delenv(TOKEN_PATH_VAR, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(AUTH_MODE_VAR, "disabled")
+    token = tmp_path / ".ray" / "auth_token"
+
+    init_ray(ExperimentOptions())
+    assert calls[-1][1] is None  # unset: Ray 2.60 turns token authentication on
+    assert f"{AUTH_MODE_VAR}=disabled ignored" in capsys.readouterr().err
+    assert len(token.read_text()) == 64 and _mode(token) == 0o600
+    assert _mode(token.parent) == 0o700
+    if sys.platform.startswith("linux"):
+        assert calls[-1][0]["_node_ip_address"] == experiment.LOCAL_NODE_IP
+        assert ipaddress.ip_address(experiment.LOCAL_NODE_IP).is_loopback
+
+    # A token file others can read is made private; its token is kept.
+    secret = token.read_text()
+    token.chmod(0o644)
+    init_ray(ExperimentOptions())
+    assert _mode(token) == 0o600 and token.read_text() == secret
+    assert "made readable by its owner only" in capsys.readouterr().err
+
+    # RAY_AUTH_TOKEN_PATH names the token file when set.
+    custom = tmp_path / "elsewhere" / "token"
+    monkeypatch.setenv(TOKEN_PATH_VAR, str(custom))
+    monkeypatch.setenv(AUTH_MODE_VAR, "token")
+    init_ray(ExperimentOptions())
+    assert calls[-1][1] == "token" and _mode(custom) == 0o600
+
+    # --address: nothing touched.
+    monkeypatch.setenv(AUTH_MODE_VAR, "disabled")
+    monkeypatch.setenv(TOKEN_PATH_VAR, str(tmp_path / "not-created"))
+    init_ray(ExperimentOptions(address="10.0.0.1:6379"))
+    assert calls[-1][1] == "disabled" and not (tmp_path / "not-created").exists()
+    assert "_node_ip_address" not in calls[-1][0]
+
+
+def test_nothing_in_the_repository_disables_ray_authentication():
+    """No code, test, script, CI step or configuration sets RAY_AUTH_MODE to disabled (the
+    docs may say not to)."""
+    pattern = re.compile(r"RAY_AUTH_MODE\W{0,6}disabled", re.IGNORECASE)
+    skip = {".venv", ".git", "runs", ".cache", "node_modules", "__pycache__"}
+    found = []
+    for path in REPO.rglob("*"):
+        parts = set(path.relative_to(REPO).parts)
+        if parts & skip or not path.is_file() or path.stat().st_size > 2_000_000:
+            continue
+        if path.suffix not in (".py", ".toml", ".cfg", ".ini", ".yaml", ".yml", ".sh", ".json",
+                               ".env", "") and path.name != "Makefile":
+            continue
+        text = path.read_text(errors="replace")
+        found += [f"{path.relative_to(REPO)}: {m.group(0)}" for m in pattern.finditer(text)]
+    assert found == []
+
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -702,8 +774,6 @@ def _process_tree(pid: int) -> list[int]:
 
 def _listening_sockets(pids: list[int]) -> list[tuple[str, str, int]]:
     """(process name, address, port) of every TCP socket in LISTEN state the processes hold."""
-    import ipaddress
-
     def address(hex_address: str) -> str:
         raw = bytes.fromhex(hex_address)
         # /proc/net/tcp{,6} print each 32-bit word of the address in host (little-endian) order
@@ -734,55 +804,102 @@ def _listening_sockets(pids: list[int]) -> list[tuple[str, str, int]]:
     return sorted(set(found))
 
 
-LISTEN_SCRIPT = """
+CLUSTER_SCRIPT = """
 import os, sys, time
 from tune_clipfh.tune.experiment import ExperimentOptions, init_ray
 init_ray(ExperimentOptions())
 import ray
 ray.get(ray.remote(lambda: os.getpid()).remote())
+print("GCS " + ray.get_runtime_context().gcs_address, flush=True)
 print("READY", flush=True)
 while not os.path.exists(sys.argv[1]):
     time.sleep(0.2)
 ray.shutdown()
 """
 
+ATTACH_SCRIPT = """
+import os, sys
+import ray
+try:
+    ray.init(address=sys.argv[1], include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    pid = ray.get(ray.remote(lambda: os.getpid()).remote(), timeout=60)
+except Exception as exc:  # any way of not getting in counts as refused; the test reads why
+    print(f"REFUSED {type(exc).__name__}: {exc}", flush=True)
+    sys.exit(3)
+print(f"RAN {pid}", flush=True)
+"""
 
-def test_ray_started_by_the_driver_serves_no_dashboard(tmp_path, drivers):
-    import ipaddress
 
-    import ray
+def _attach_all(script: Path, address: str, envs: list[dict[str, str]],
+                timeout: float = 180) -> list[tuple[int, str]]:
+    """Drivers of their own (each with exactly ``env`` and a clean rest: no Ray variable of this
+    session) attach to ``address`` at once and run a task; (exit status, output) of each."""
+    base = {"PATH": os.environ["PATH"], "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
+            # How long ray.init retries the GCS before giving up (Ray's default: 20 s).
+            "RAY_py_gcs_connect_timeout_s": "5"}
+    procs = [subprocess.Popen([sys.executable, str(script), address], env={**base, **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=str(REPO)) for env in envs]
+    results = []
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        results.append((proc.returncode, output))
+    return results
 
-    script = _write(tmp_path / "listen.py", LISTEN_SCRIPT)
-    log, done = tmp_path / "listen.log", tmp_path / "done"
-    proc = drivers.start([sys.executable, str(script), str(done)], log)
+
+def test_a_cluster_the_project_starts_refuses_drivers_without_its_token(tmp_path, drivers):
+    """Started as the CLI starts one (``init_ray``, for a user with no Ray token yet): no
+    dashboard, a private token file, and a driver without the token (no token, or a wrong
+    one) can neither attach nor run a task, while one with the token can. Ray 2.60's own gRPC
+    servers still listen on every interface (there is no setting to keep them on loopback);
+    nothing listens on a specific outward address."""
+    home = tmp_path / "home"
+    home.mkdir()
+    script = _write(tmp_path / "cluster.py", CLUSTER_SCRIPT)
+    log, done = tmp_path / "cluster.log", tmp_path / "done"
+    proc = drivers.start([sys.executable, str(script), str(done)], log,
+                         drop=(AUTH_MODE_VAR, TOKEN_VAR, TOKEN_PATH_VAR), HOME=str(home))
     try:
-        assert _wait_for(lambda: "READY" in log.read_text(), 180, proc), log.read_text()
+        assert wait_for(lambda: "READY" in log.read_text(), 180, proc), log.read_text()
+        address = next(line.split()[1] for line in log.read_text().splitlines()
+                       if line.startswith("GCS "))
         listeners = _listening_sockets(_process_tree(proc.pid))
+        token = home / ".ray" / "auth_token"
+        assert token.is_file() and _mode(token) == 0o600, token
+
+        attach = _write(tmp_path / "attach.py", ATTACH_SCRIPT)
+        stranger = tmp_path / "stranger"
+        stranger.mkdir()
+        no_token, wrong_token, with_token = _attach_all(attach, address, [
+            {"HOME": str(stranger)},
+            {"HOME": str(stranger), AUTH_MODE_VAR: "token", TOKEN_VAR: "0" * 64},
+            {"HOME": str(home), AUTH_MODE_VAR: "token"}])
         done.touch()
         proc.wait(timeout=60)
     finally:
         drivers.kill(proc)
+    for status, output in (no_token, wrong_token):
+        assert status == 3 and "REFUSED" in output, output[-3000:]
+        assert "RAN" not in output
+    assert "Authentication token is missing or incorrect" in no_token[1], no_token[1][-3000:]
+    assert with_token[0] == 0 and "RAN" in with_token[1], with_token[1][-3000:]
+
     assert listeners, "found no listening socket of the Ray processes"
     # No dashboard: nothing on its port (8265) or the Ray client's (10001), no dashboard process.
     assert not [entry for entry in listeners if entry[2] in (8265, 10001)], listeners
     assert not [entry for entry in listeners if "dashboard" in entry[0].lower()], listeners
-    public = [entry for entry in listeners if not ipaddress.ip_address(entry[1]).is_loopback]
-    if public:
-        pytest.xfail(
-            f"Ray {ray.__version__} binds its own gRPC servers (GCS, raylet, core workers) to "
-            f"every interface and its runtime-env agent to the node address, with no setting to "
-            f"keep them on loopback; init_ray also sets RAY_AUTH_MODE=disabled: {public}")
+    # Only Ray's wildcard gRPC listeners are reachable from outside; nothing is bound to the
+    # machine's outward address.
+    outward = [entry for entry in listeners if not ipaddress.ip_address(entry[1]).is_loopback
+               and not ipaddress.ip_address(entry[1]).is_unspecified]
+    if sys.platform.startswith("linux"):
+        assert outward == [], listeners
 
-
-def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc is not None and proc.poll() is not None:
-            return bool(predicate())
-        time.sleep(0.3)
-    return False
 
 
 # ------------------------------------------------------------------------------------------
@@ -791,18 +908,6 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -
 KILL_OVERRIDES = {"epochs_prompt": 1, "epochs_image": 12, "early_stop_patience": 0,
                   "checkpoint_every": 1, "checkpoint_min_interval_s": 0}
 KILL_VERSIONS = ["v1", "v5", "v6"]
-
-
-def _tune_lines(log: Path, marker: str) -> list[str]:
-    if not log.is_file():
-        return []
-    return [line for line in log.read_text(errors="replace").splitlines()
-            if line.startswith("[tune]") and marker in line]
-
-
-def _rows_reported(trial_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
-            if line.strip()]
 
 
 def _same(a, b) -> bool:
@@ -844,9 +949,6 @@ def _kill_everything(proc: subprocess.Popen) -> None:
 def uninterrupted(ray_session, small_data, tmp_path_factory):
     """The interrupted experiments' trials and seeds, run without interruption (in this
     process's Ray session)."""
-    from tune_clipfh.tune.experiment import ExperimentOptions, reproduce
-    from tune_clipfh.tune.results import load_results
-
     path = reproduce(["rn50"], KILL_VERSIONS, ExperimentOptions(
         name="uninterrupted", storage=str(tmp_path_factory.mktemp("ray-baseline")),
         data=str(small_data), max_concurrent=1, overrides=KILL_OVERRIDES))
@@ -862,8 +964,6 @@ def test_resume_after_an_interruption_gives_the_same_trials_and_results(
     and the same results as an uninterrupted run (same seeds, deterministic CPU training): none
     lost, none run twice. (More about SIGINT and the search: tests/test_tune.py::
     test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest.)"""
-    from tune_clipfh.tune.results import load_results
-
     storage, log = tmp_path / "ray", tmp_path / "driver.log"
     argv = [CLI, "reproduce", "--backbones", "rn50", "--versions", ",".join(KILL_VERSIONS),
             "--data", str(small_data), "--name", "interrupted", "--storage", str(storage),
@@ -872,13 +972,13 @@ def test_resume_after_an_interruption_gives_the_same_trials_and_results(
     proc = drivers.start(argv, log)
     try:
         def first_done_second_checkpointed():
-            done = _tune_lines(log, " done: ")
+            done = tune_lines(log, " done: ")
             if not done:
                 return False
             first = done[0].split()[1]
-            return any(line.split()[1] != first for line in _tune_lines(log, " image epoch 2:"))
+            return any(line.split()[1] != first for line in tune_lines(log, " image epoch 2:"))
 
-        assert _wait_for(first_done_second_checkpointed, 240, proc), log.read_text()[-4000:]
+        assert wait_for(first_done_second_checkpointed, 240, proc), log.read_text()[-4000:]
         if how == "SIGKILL":
             _kill_everything(proc)
             assert proc.returncode == -signal.SIGKILL
@@ -891,7 +991,7 @@ def test_resume_after_an_interruption_gives_the_same_trials_and_results(
     before = load_results(path)
     finished = before[before["final"] == 1]
     assert 1 <= len(finished) < len(KILL_VERSIONS), before[["label", "status", "trial_status"]]
-    rows_before = {row["trial_id"]: _rows_reported(next(path.glob(f"*{row['trial_id']}")))
+    rows_before = {row["trial_id"]: rows_reported(next(path.glob(f"*{row['trial_id']}")))
                    for _, row in finished.iterrows()}
 
     resume_log = tmp_path / "resume.log"
@@ -911,14 +1011,14 @@ def test_resume_after_an_interruption_gives_the_same_trials_and_results(
     assert (after["final"] == 1).all(), after[["label", "status", "trial_status"]]
     # ... the trials finished before the kill untouched (same rows, nothing appended) ...
     for trial_id, rows in rows_before.items():
-        assert _rows_reported(next(path.glob(f"*{trial_id}"))) == rows
+        assert rows_reported(next(path.glob(f"*{trial_id}"))) == rows
     # ... the one that was running continued from its checkpoint, not from epoch 1 ...
     running = before[(before["final"] != 1) & before["training_iteration"].notna()]
     assert len(running) == 1, before[["label", "status", "training_iteration"]]
     resumed_row = after.set_index("trial_id").loc[running["trial_id"].iloc[0]]
     assert resumed_row["iterations_since_restore"] < resumed_row["training_iteration"]
     for trial_id in set(after["trial_id"]) - set(rows_before):
-        rows = _rows_reported(next(path.glob(f"*{trial_id}")))
+        rows = rows_reported(next(path.glob(f"*{trial_id}")))
         _assert_epochs_continue([r for r in rows if not r["final"]])
     # ... and every result is the uninterrupted run's.
     columns = ["status", "best_epoch", "best_val_rank1", "best_val_mAP", "test_rank1",
@@ -1049,8 +1149,6 @@ def _rss_mb(pid: int) -> float | None:
 @pytest.mark.slow
 def test_search_of_200_trials_completes_with_bounded_driver_memory(small_data, tmp_path,
                                                                    drivers):
-    from tune_clipfh.tune.results import load_results
-
     space = _write(tmp_path / "space.yaml", LOAD_SPACE)
     storage, log = tmp_path / "ray", tmp_path / "driver.log"
     argv = [CLI, "search", "--space", str(space), "--backbone", "rn50", "--num-samples",
@@ -1064,7 +1162,7 @@ def test_search_of_200_trials_completes_with_bounded_driver_memory(small_data, t
         while proc.poll() is None and time.monotonic() - started < 540:
             rss = _rss_mb(proc.pid)
             if rss is not None:
-                samples.append((time.monotonic() - started, len(_tune_lines(log, " done: ")),
+                samples.append((time.monotonic() - started, len(tune_lines(log, " done: ")),
                                 rss))
             time.sleep(0.5)
         assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]

@@ -21,6 +21,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from tune_clipfh.cli import main
 from tune_clipfh.evaluation import UPSTREAM_COLUMNS
 from tune_clipfh.report import REFERENCE_CSV, build_report, figures, tables
 from tune_clipfh.report.data import (
@@ -198,6 +199,23 @@ def test_report_writes_the_upstream_tables_and_one_offline_page(report, loaded):
     assert "not comparable" in page and "synthetic" in page
 
 
+def test_every_trial_says_where_it_ran_and_the_report_shows_it(loaded, report):
+    _, trials, _, configs = loaded
+    assert (trials["device"] == "cpu").all() and (trials["gpu_name"] == "").all()
+    assert set(configs["device"]) == {"cpu"}
+    assert set(tables.summary_table(configs)["device"]) == {"cpu"}
+    fig = figures.pareto_figure(configs)
+    search_trace = next(t for t in fig.data if t.name == "search trials")
+    assert all("ran on cpu" in h for h in search_trace.hovertext)
+    assert "<th>device</th>" in report.read_text()
+    assert pd.read_csv(report.parent / "summary.csv")["device"].eq("cpu").all()
+    # A GPU trial: its card's name and the node's card index Ray gave it.
+    gpu = pd.Series({"device": "cuda:0", "gpu_name": "NVIDIA H200", "gpu_ids": "3"})
+    assert tables.device_text(gpu) == "NVIDIA H200 #3"
+    assert tables.device_text(pd.Series({"device": "none"})) == "no device"
+    assert tables.device_text(pd.Series({"label": "recorded before devices were"})) == ""
+
+
 def fake_11k_manifest(folder: Path, **fields) -> str:
     """A manifest.json as ``data prepare`` writes it for the real 11k (only the keys read)."""
     folder.mkdir(parents=True)
@@ -237,8 +255,6 @@ def test_missing_and_partial_experiments_give_a_report_that_says_so(experiments,
 
 
 def test_cli_report_verb_prints_the_page_path(experiments, tmp_path, capsys):
-    from tune_clipfh.cli import main
-
     assert main(["report", *map(str, experiments), "--out", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'cli' / 'report.html'}" in out
@@ -337,3 +353,19 @@ def test_every_figure_draws_in_headless_chromium(report, tmp_path):
         if 'class="parcoords"' in chunk:
             assert "<canvas" in chunk, f"{figure_id}: parallel coordinates drew no canvas"
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_figure_has_one_panel_per_logged_loss_of_the_table(monkeypatch):
+    """A loss added to the table gets its own panel; the grid grows past 2 x 3 rows."""
+    from tune_clipfh import loss_table
+
+    extra = [(f"loss_extra{i}", f"extra {i}", "image") for i in range(3)]
+    monkeypatch.setattr(figures, "loss_columns", lambda: [*loss_table.loss_columns(), *extra])
+    columns = [column for column, _, _ in figures.loss_columns()]
+    history = pd.DataFrame([{"experiment": "e", "trial_id": "t", "stage": stage,
+                             "stage_epoch": epoch, **{c: 1.0 / epoch for c in columns}}
+                            for stage in ("prompt", "image") for epoch in (1, 2)])
+    fig = figures.loss_figure(history, {})
+    titles = [a.text for a in fig.layout.annotations]
+    assert len(columns) > 6 and titles == [title for _, title, _ in figures.loss_columns()]
+    assert "extra 2" in titles and "SupCon text-to-image" in titles

@@ -10,27 +10,45 @@ their own).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import signal
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
-from tune_clipfh.config import ConfigError
+from tune_clipfh.cli import build_parser
+from tune_clipfh.config import ConfigError, build_config
+from tune_clipfh.errors import UserError
+from tune_clipfh.model.registry import BACKBONES
+from tune_clipfh.tune import experiment
+from tune_clipfh.tune.defaults import ASHA_GRACE, ASHA_REDUCTION
 from tune_clipfh.tune.experiment import (
     ExperimentOptions,
     FinalRowOptunaSearch,
+    fixed_trials,
     reproduce,
     search,
     version_points,
 )
+from tune_clipfh.tune.gpus import (
+    GpuPlan,
+    ProbeResult,
+    gpus_from_memory,
+    parse_gpus_per_trial,
+    plan_gpus,
+    probe_knob_sets,
+    training_step,
+)
 from tune_clipfh.tune.results import experiment_meta, load_results
 from tune_clipfh.tune.space import load_space
 from tune_clipfh.tune.versions import load_versions
+
+from tune_helpers import rows_reported, tune_lines, wait_for
 
 # Every trial: one prompt epoch and three image epochs (5 reports with the final row).
 QUICK = {"epochs_prompt": 1, "epochs_image": 3, "early_stop_patience": 3}
@@ -365,29 +383,6 @@ def test_default_space_holds_version_points(profile, backbone):
 # A driver of its own: SIGINT, then --resume (slow)
 
 
-def _tune_lines(log: Path, marker: str) -> list[str]:
-    if not log.is_file():
-        return []
-    return [line for line in log.read_text(errors="replace").splitlines()
-            if line.startswith("[tune]") and marker in line]
-
-
-def _wait_for(predicate, timeout: float, proc) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return bool(predicate())
-        time.sleep(0.5)
-    return False
-
-
-def _rows_reported(trial_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
-            if line.strip()]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("verb", ["reproduce", "search"])
 def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_path, drivers,
@@ -410,13 +405,13 @@ def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_pat
         # One trial done, the next one past its first checkpoint (iteration 2), then SIGINT to
         # the driver alone (Ray's processes share its group and must see no signal).
         def first_done_second_checkpointed():
-            done = _tune_lines(log, " done: ")
+            done = tune_lines(log, " done: ")
             if not done:
                 return False
             first = done[0].split()[1]
-            return any(line.split()[1] != first for line in _tune_lines(log, " image epoch 2:"))
+            return any(line.split()[1] != first for line in tune_lines(log, " image epoch 2:"))
 
-        assert _wait_for(first_done_second_checkpointed, 240, proc), log.read_text()
+        assert wait_for(first_done_second_checkpointed, 240, proc), log.read_text()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
     finally:
@@ -427,7 +422,7 @@ def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_pat
     assert 2 <= len(before) <= expected and before["trial_id"].is_unique
     finished = before[before["final"] == 1]
     assert 1 <= len(finished) < len(before), before[["label", "status", "trial_status"]]
-    rows_before = {row["trial_id"]: _rows_reported(next(path.glob(f"*{row['trial_id']}")))
+    rows_before = {row["trial_id"]: rows_reported(next(path.glob(f"*{row['trial_id']}")))
                    for _, row in finished.iterrows()}
 
     resumed = drivers.start([*argv, "--resume"], tmp_path / "resume.log")
@@ -443,7 +438,7 @@ def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_pat
     assert after["status"].isin(["completed", "early_stopped"]).all()
     # Finished trials were not run again: the same rows, the same final row.
     for trial_id, rows in rows_before.items():
-        assert _rows_reported(next(path.glob(f"*{trial_id}"))) == rows
+        assert rows_reported(next(path.glob(f"*{trial_id}"))) == rows
     # The trial that was running went on from its checkpoint instead of starting over.
     running = before[(before["final"] != 1) & before["training_iteration"].notna()]
     assert len(running) == 1, before[["label", "status", "training_iteration"]]
@@ -500,3 +495,217 @@ def test_trials_spread_over_two_nodes(tmp_path, drivers):
     assert len(result["nodes"]) == 2
     assert result["final"] == [1, 1]
     assert set(result["node_ids"]) == set(result["nodes"])
+
+
+# ------------------------------------------------------------------------------------------
+# GPUs per trial (no GPU needed: the probe is mocked, Ray's GPUs are declared)
+
+
+def _probe(peak_gib: float, card_gib: float = 80.0):
+    calls = []
+
+    def probe() -> ProbeResult:
+        calls.append(1)
+        return ProbeResult(int(peak_gib * 2**30), int(card_gib * 2**30), "NVIDIA H100")
+
+    probe.calls = calls
+    return probe
+
+
+def _failing_probe() -> ProbeResult:
+    raise RuntimeError("CUDA error: out of memory\nmore")
+
+
+@pytest.mark.parametrize("peak_gib, expected", [
+    (60.0, 1.0),  # one fits: a whole card
+    (35.0, 1.0),  # 0.85 * 80 / 35 = 1.9: still one
+    (30.0, 0.5),
+    (20.0, 1 / 3),
+    (5.0, 1 / 13),
+    (100.0, 1.0),  # does not fit at all: still a whole card (the trial itself will say OOM)
+])
+def test_gpus_from_memory_shares_a_card_only_when_several_trials_fit(peak_gib, expected):
+    assert gpus_from_memory(int(peak_gib * 2**30), 80 * 2**30) == pytest.approx(expected)
+
+
+def test_auto_gives_no_gpu_without_gpus_and_never_probes():
+    probe = _probe(10)
+    assert plan_gpus("auto", 0, {"auto"}, probe) == GpuPlan(0.0)
+    assert plan_gpus("auto", 4, {"cpu"}, probe) == GpuPlan(0.0)  # configs that ask for the CPU
+    assert probe.calls == []
+
+
+def test_auto_with_gpus_shares_a_card_as_the_probe_measures():
+    probe = _probe(20)
+    plan = plan_gpus("auto", 8, {"auto", "cuda"}, probe)
+    assert plan.gpus_per_trial == pytest.approx(1 / 3) and plan.device is None
+    assert "1/3 GPU per trial" in plan.note and "NVIDIA H100" in plan.note
+    assert probe.calls == [1]
+    assert plan_gpus("auto", 1, {"auto"}, _probe(70)).gpus_per_trial == 1.0
+
+
+def test_auto_falls_back_to_one_gpu_when_the_probe_cannot_run():
+    plan = plan_gpus("auto", 2, {"auto"}, _failing_probe)
+    assert plan.gpus_per_trial == 1.0 and plan.device is None
+    assert "probe failed (RuntimeError: CUDA error: out of memory)" in plan.note
+    assert "\n" not in plan.note
+
+
+def test_explicit_numbers_are_kept_and_zero_never_shares_a_card_unaccounted():
+    probe = _probe(10)
+    assert plan_gpus(0.5, 2, {"auto"}, probe) == GpuPlan(0.5)
+    assert plan_gpus(2.0, 0, {"cuda"}, probe) == GpuPlan(2.0)
+    assert plan_gpus(0.0, 0, {"auto", "cpu"}, probe) == GpuPlan(0.0)
+    assert plan_gpus(0.0, 2, {"cpu"}, probe) == GpuPlan(0.0)
+    # device: auto on a cluster with GPUs, 0 GPUs per trial: the trials run on the CPU.
+    plan = plan_gpus(0.0, 2, {"auto", "cpu"}, probe)
+    assert (plan.gpus_per_trial, plan.device) == (0.0, "cpu") and "on the CPU" in plan.note
+    # device: cuda with 0 GPUs per trial: refused, one line.
+    with pytest.raises(UserError) as caught:
+        plan_gpus(0.0, 2, {"cuda"}, probe)
+    assert "\n" not in str(caught.value) and "device: cuda" in str(caught.value)
+    assert probe.calls == []
+
+
+@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("AUTO", "auto"), ("0", 0.0),
+                                            ("0.25", 0.25), ("2", 2.0)])
+def test_gpus_per_trial_option(text, expected):
+    assert parse_gpus_per_trial(text) == expected
+
+
+@pytest.mark.parametrize("text", ["-1", "nan", "inf", "many", ""])
+def test_gpus_per_trial_option_refuses_other_values(text):
+    with pytest.raises(ValueError, match="valid: auto or a number >= 0"):
+        parse_gpus_per_trial(text)
+
+
+def test_cli_gpus_per_trial_defaults_to_auto_everywhere():
+    parser = build_parser()
+    for argv in (["reproduce"], ["search"], ["ablate"], ["demo"]):
+        assert parser.parse_args(argv).gpus_per_trial == "auto", argv
+    assert parser.parse_args(["search", "--gpus-per-trial", "0.5"]).gpus_per_trial == 0.5
+    assert ExperimentOptions().gpus_per_trial == "auto"
+
+
+def test_one_asha_default_for_the_api_and_the_cli():
+    assert build_parser().parse_args(["search"]).asha_grace == ASHA_GRACE
+    assert build_parser().parse_args(["search"]).asha_reduction == ASHA_REDUCTION
+    defaults = inspect.signature(search).parameters
+    assert defaults["asha_grace"].default == ASHA_GRACE
+    assert defaults["asha_reduction"].default == ASHA_REDUCTION
+
+
+def test_probe_groups_the_knob_sets_that_set_memory():
+    sets = [{"model": "vitb16", "profile": "full", "batch_size": 32, "amp": "auto", "lr": 1},
+            {"model": "vitb16", "profile": "full", "batch_size": 32, "amp": "auto", "lr": 2},
+            {"model": "rn50", "profile": "full", "batch_size": 32, "amp": "auto"},
+            {"model": "vitb16", "profile": "full", "batch_size": 64, "amp": "auto"}]
+    assert probe_knob_sets(sets) == [sets[0], sets[2], sets[3]]
+
+
+@pytest.mark.parametrize("model", ["vitb16", "rn50"])
+def test_the_probes_training_step_runs(model):
+    """The step the GPU probe measures, on the CPU with the tiny profile (the CUDA memory
+    readings around it need a GPU)."""
+    knobs = {"model": model, "profile": "tiny", "pretrained": "none", "batch_size": 4,
+             "pk_k": 2}
+    assert math.isfinite(training_step(knobs, torch.device("cpu")))
+
+
+def test_plan_trial_gpus_sets_the_trials_device_when_they_must_run_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(experiment, "init_ray", lambda options: None)
+    monkeypatch.setattr(experiment.ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    probed = []
+    monkeypatch.setattr(experiment, "ray_probe",
+                        lambda sets: probed.append(sets) or _probe(30))
+    trials = fixed_trials(["vitb16", "rn50"], ["v1"], "full", {})
+    assert {t["device"] for t in trials} == {"auto"}
+    assert experiment.plan_trial_gpus(ExperimentOptions(gpus_per_trial="auto"), trials) == 0.5
+    assert {t["device"] for t in trials} == {"auto"}
+    # The probe gets the trials' training knobs, which the config schema accepts.
+    (sets,) = probed
+    assert [s["model"] for s in sets] == ["vitb16", "rn50"]
+    assert all(build_config(s, "probe").config.profile == "full" for s in sets)
+    assert experiment.plan_trial_gpus(ExperimentOptions(gpus_per_trial=0), trials) == 0
+    assert {t["device"] for t in trials} == {"cpu"}
+    cuda = fixed_trials(["vitb16"], ["v1"], "full", {"device": "cuda"})
+    with pytest.raises(UserError, match="device: cuda"):
+        experiment.plan_trial_gpus(ExperimentOptions(gpus_per_trial=0), cuda)
+
+
+def test_backbone_errors_come_from_the_registry():
+    with pytest.raises(ConfigError) as caught:
+        fixed_trials(["vit"], None, "tiny", {})
+    message = str(caught.value)
+    assert f"(valid: {', '.join(BACKBONES)};" in message and "versions.yaml: " in message
+    without_versions = [key for key in BACKBONES if key not in load_versions(profile="tiny")]
+    for backbone in without_versions:
+        with pytest.raises(ConfigError, match="has no versions to reproduce"):
+            fixed_trials([backbone], None, "tiny", {})
+
+
+# Two declared GPUs on a CPU machine: Ray accounts for them and sets CUDA_VISIBLE_DEVICES, the
+# trials see no real CUDA device.
+FAKE_GPU_SCRIPT = """
+import json, sys
+from tune_clipfh.tune.experiment import ExperimentOptions, init_ray, reproduce
+from tune_clipfh.tune.results import load_results
+from tune_helpers import rows_reported
+
+storage = sys.argv[1]
+init_ray(ExperimentOptions(), num_cpus=2, num_gpus=2)
+quick = {"epochs_prompt": 1, "epochs_image": 2, "early_stop_patience": 0}
+out = {}
+for name, gpus, versions, overrides in (
+        ("auto", "auto", ["v1", "v5"], quick),
+        ("zero", 0, ["v1"], quick),
+        ("cuda", 1, ["v1"], {**quick, "device": "cuda"})):
+    path = reproduce(["vitb16"], versions, ExperimentOptions(
+        name=name, storage=storage, gpus_per_trial=gpus, max_failures=0, overrides=overrides))
+    frame = load_results(path)
+    spans = [[rows[0]["timestamp"], rows[-1]["timestamp"]]
+             for rows in (rows_reported(d) for d in sorted(path.glob("vitb16-*")))]
+    out[name] = {"meta": json.loads((path / "tune_clipfh_experiment.json").read_text()),
+                 "rows": frame[["label", "status", "device", "gpu_name", "gpu_ids",
+                                "config/device"] + (["error"] if "error" in frame else [])]
+                 .fillna("").to_dict("records"), "spans": spans}
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_trials_get_their_own_gpu_and_record_their_device(tmp_path, drivers):
+    script = _write(tmp_path / "fake_gpus.py", FAKE_GPU_SCRIPT)
+    log = tmp_path / "fake_gpus.log"
+    proc = drivers.start([sys.executable, str(script), str(tmp_path / "ray")], log,
+                         PYTHONPATH=str(Path(__file__).resolve().parent))
+    try:
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        drivers.kill(proc)
+    text = log.read_text()
+    result = json.loads(next(line for line in text.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+
+    # auto: the probe cannot measure a declared GPU, so 1 GPU per trial; each trial got one of
+    # the two cards, never both the same one while both ran; no CUDA inside: the CPU.
+    auto = result["auto"]
+    assert auto["meta"]["gpus_per_trial"] == 1.0
+    # (its reason: torch sees no CUDA device in the task)
+    note = next(line for line in text.splitlines() if "the memory probe failed" in line)
+    assert "ConfigError" not in note and "1 GPU per trial" in note, note
+    assert all(row["status"] in ("completed", "early_stopped") for row in auto["rows"])
+    assert all(row["device"] == "cpu" and row["gpu_ids"] in ("0", "1") for row in auto["rows"])
+    (a, b), ids = auto["spans"], [row["gpu_ids"] for row in auto["rows"]]
+    if a[0] < b[1] and b[0] < a[1]:
+        assert ids[0] != ids[1], auto
+    # 0 on a cluster with GPUs: device: auto trials run on the CPU, with no card of their own.
+    zero = result["zero"]
+    assert zero["meta"]["gpus_per_trial"] == 0
+    assert [(r["config/device"], r["device"], r["gpu_ids"]) for r in zero["rows"]] == [
+        ("cpu", "cpu", "")]
+    assert "the trials run on the CPU (device: cpu)" in text
+    # device: cuda and no CUDA device inside the trial: recorded, not run on the CPU.
+    (cuda,) = result["cuda"]["rows"]
+    assert (cuda["status"], cuda["device"], cuda["gpu_ids"]) == ("device_unavailable", "none", "0")
+    assert cuda["error"].startswith("device: cuda requested but this process sees no CUDA")

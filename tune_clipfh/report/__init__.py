@@ -23,14 +23,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import optuna
 import pandas as pd
 
+from ..resources import resource_path
 from . import figures, tables
 from .data import Experiment, load_experiment, param_importances
 from .page import Panel, Section, frame_table, render_page
 
-REFERENCE_CSV = Path(__file__).resolve().parents[2] / "analysis" / \
-    "thesis_clipfh_11k_dorsal_r_eval.csv"
+REFERENCE_CSV = resource_path("analysis", "thesis_clipfh_11k_dorsal_r_eval.csv")
 """The thesis's published per-version table (see analysis/README.md for its source)."""
 REPORT_NAME = "report.html"
 METRIC_NAMES = {"best_val_rank1": "validation Rank-1", "best_val_mAP": "validation mAP"}
@@ -203,8 +204,6 @@ def _importance_panels(experiments: list[Experiment]) -> list[Panel]:
 def _complete_trials(study) -> int:
     if study is None:
         return 0
-    import optuna
-
     return sum(t.state == optuna.trial.TrialState.COMPLETE
                for t in study.get_trials(deepcopy=False))
 
@@ -237,11 +236,16 @@ def _summary_panel(configs: pd.DataFrame) -> Panel:
         "test mAP (%)": [_plus_minus(m, s) for m, s in zip(
             summary["test_mAP"], summary["test_mAP_std"], strict=True)],
         "test R5 (%)": summary["test_rank5"], "test R10 (%)": summary["test_rank10"],
-        "time (s)": summary["time_total_s"], "knobs": summary["knobs"]})
+        "time (s)": summary["time_total_s"], "device": summary["device"],
+        "trained on": summary["trained_on"], "knobs": summary["knobs"]})
     return Panel(html=frame_table(shown, folded=("knobs",)),
                  caption="The ten best configurations by best validation Rank-1 (ties by "
                          "mAP): seeds, validation and test metrics (test as mean ± std over "
-                         "splits and seeds), total trial time and knobs (click to open); "
+                         "splits and seeds), total trial time, the device its trials ran on "
+                         "(cpu, or the GPU and the node's card index), the identities it "
+                         "trained on (the training identities minus the validation ones, or, "
+                         "as upstream did for its test-selected runs, all of them) and knobs "
+                         "(click to open); "
                          "every configuration, with its trial ids, is in summary.csv.")
 
 

@@ -22,17 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
+from optuna.importance import (
+    FanovaImportanceEvaluator,
+    PedAnovaImportanceEvaluator,
+    get_param_importances,
+)
+from ray.tune import ExperimentAnalysis
 
+from ..loss_table import loss_columns
 from ..tune.results import experiment_meta, load_results
 
 STATE_GLOB = "experiment_state-*.json"
 REAL_11K_ROWS = 11_000
 """The real 11k HandInfo.csv has 11,076 rows; the synthetic sets have a few thousand."""
 THESIS_PROTOCOL = "11k dorsal_r (real images), full profile"
-HISTORY_COLUMNS = ("stage", "stage_epoch", "epoch", "loss_total", "loss_id", "loss_triplet",
-                   "loss_center", "loss_i2t", "prompt_loss", "prompt_loss_i2t",
-                   "prompt_loss_t2i", "lr_visual", "lr_head", "lr_prompt", "lr_text",
+HISTORY_COLUMNS = ("stage", "stage_epoch", "epoch",
+                   *(column for column, _, _ in loss_columns()),
+                   "lr_visual", "lr_head", "lr_prompt", "lr_text",
                    "val_rank1", "val_mAP", "val_rank5", "val_rank10", "is_best",
                    "epoch_time_s", "time_total_s", "timestamp", "time_this_iter_s",
                    "training_iteration", "final")
@@ -98,8 +106,6 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def load_history(path: str | Path) -> pd.DataFrame:
     """Every per-epoch row (``final == 0``) of every trial, long, with its ``trial_id``."""
-    from ray.tune import ExperimentAnalysis
-
     analysis = ExperimentAnalysis(str(Path(path).resolve()))
     frames = []
     for trial_id, frame in analysis.trial_dataframes.items():
@@ -146,6 +152,8 @@ def trial_notes(trials: pd.DataFrame, name: str) -> list[str]:
                         ("unfinished", "never reported a final row (interrupted; resume "
                                        "with --resume)"),
                         ("invalid_config", "had an invalid sampled configuration (scored 0)"),
+                        ("device_unavailable", "asked for device: cuda but saw no CUDA device "
+                                               "(not run; scored 0)"),
                         ("diverged", "diverged (non-finite loss)")):
         ids = trials.loc[status == label, "trial_id"].tolist()
         if ids:
@@ -208,8 +216,6 @@ def _manifest_check(data_dir: Path) -> tuple[bool, str, str]:
 
 def load_study(path: Path, meta: dict[str, Any]):
     """The search's Optuna study, or None and a note saying why not."""
-    import optuna
-
     name = meta.get("study_name") or path.name
     local = path / "optuna.db"
     url = f"sqlite:///{local}" if local.is_file() else meta.get("optuna_storage")
@@ -218,7 +224,8 @@ def load_study(path: Path, meta: dict[str, Any]):
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         return optuna.load_study(study_name=name, storage=url), ""
-    except Exception as exc:
+    except Exception as exc:  # a missing study (KeyError), a damaged or foreign database
+        # (SQLAlchemy's errors), a newer schema (RuntimeError): the report goes on without it
         return None, (f"{path.name}: Optuna study {name!r} could not be loaded from {url} "
                       f"({type(exc).__name__}: {_one_line(exc)}).")
 
@@ -229,13 +236,6 @@ def param_importances(study, objective: int = 0) -> tuple[dict[str, dict[str, fl
     With too few complete trials, or an evaluator that cannot run (fANOVA needs scikit-learn),
     that evaluator is left out and a note says why.
     """
-    import optuna
-    from optuna.importance import (
-        FanovaImportanceEvaluator,
-        PedAnovaImportanceEvaluator,
-        get_param_importances,
-    )
-
     notes: list[str] = []
     if study is None:
         return {}, ["no Optuna study to compute importances from."]
@@ -273,7 +273,8 @@ def param_importances(study, objective: int = 0) -> tuple[dict[str, dict[str, fl
                              f"with {len(complete)} trials).")
         except ImportError as exc:
             notes.append(f"{label} could not run: {_one_line(exc)} (install scikit-learn).")
-        except Exception as exc:
+        except Exception as exc:  # the evaluators raise what their models raise on
+            # degenerate studies (one distinct value, constant objective): a note, not a crash
             notes.append(f"{label} could not run on {len(complete)} complete trials "
                          f"({type(exc).__name__}: {_one_line(exc)}).")
     return result, notes

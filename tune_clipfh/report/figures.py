@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from ..loss_table import loss_columns
 from .tables import (
     THESIS_LABEL,
     format_value,
@@ -30,10 +31,7 @@ BACKBONE_COLOURS = {"vitb16": "#1f77b4", "rn50": "#d62728"}
 SEARCH_COLOUR = "#2ca02c"
 THESIS_COLOUR = "#7f7f7f"
 MAX_PARALLEL_DIMENSIONS = 30
-LOSSES = (("loss_total", "total (image stage)", "image"), ("loss_id", "ID", "image"),
-          ("loss_triplet", "triplet", "image"), ("loss_center", "center", "image"),
-          ("loss_i2t", "image-to-text", "image"), ("prompt_loss", "prompt (SupCon i2t + t2i)",
-                                                   "prompt"))
+LOSS_GRID_COLUMNS = 3
 CAPTIONS = {
     "pareto": "Each point is one configuration's test Rank-1 against its test mAP (mean over "
               "the test splits and seeds, bars one standard deviation); points further up and "
@@ -140,7 +138,8 @@ def _hover(row: pd.Series) -> str:
             f"test Rank-1 {row['rank1']:.2f} ± {_num(row['rank1_std'])} %, "
             f"mAP {row['mAP']:.2f} ± {_num(row['mAP_std'])} %<br>"
             f"best val Rank-1 {_num(row['val_rank1'])} %, mAP {_num(row['val_mAP'])} %<br>"
-            f"seeds {row['seeds']}; trials {row['trial_ids']}")
+            f"seeds {row['seeds']}; trials {row['trial_ids']}"
+            + (f"<br>ran on {row['device']}" if row.get("device") else ""))
     return head + (f"<br>{row['knobs_html']}" if row.get("knobs_html") else "")
 
 
@@ -232,17 +231,20 @@ def loss_figure(history: pd.DataFrame, labels: dict) -> go.Figure | None:
     against prompt epoch."""
     if history.empty or "stage" not in history:
         return None
-    present = [item for item in LOSSES if item[0] in history
+    # one panel per loss column the trials logged, as the loss table names them
+    present = [item for item in loss_columns() if item[0] in history
                and history[item[0]].notna().any()]
     if not present:
         return None
-    fig = make_subplots(rows=2, cols=3, subplot_titles=[title for _, title, _ in LOSSES],
-                        horizontal_spacing=0.07, vertical_spacing=0.16)
+    rows_needed = math.ceil(len(present) / LOSS_GRID_COLUMNS)
+    fig = make_subplots(rows=rows_needed, cols=LOSS_GRID_COLUMNS,
+                        subplot_titles=[title for _, title, _ in present],
+                        horizontal_spacing=0.07, vertical_spacing=0.32 / rows_needed)
     groups = list(history.groupby(["experiment", "trial_id"], sort=False))
     for index, (key, rows) in enumerate(groups):
         label, colour = labels.get(key, key[1]), _colour(index)
         first = True
-        for slot, (column, _, stage) in enumerate(LOSSES):
+        for slot, (column, _, stage) in enumerate(present):
             if column not in rows:
                 continue
             part = rows[(rows["stage"] == stage) & rows[column].notna()].sort_values(
@@ -254,14 +256,14 @@ def loss_figure(history: pd.DataFrame, labels: dict) -> go.Figure | None:
                 legendgroup=label, showlegend=first, line={"color": colour, "width": 1.2},
                 marker={"size": 4},
                 hovertemplate=f"{label}<br>epoch %{{x}}: %{{y:.4f}}<extra>{column}</extra>"),
-                row=slot // 3 + 1, col=slot % 3 + 1)
+                row=slot // LOSS_GRID_COLUMNS + 1, col=slot % LOSS_GRID_COLUMNS + 1)
             first = False
-    for slot, (_, _, stage) in enumerate(LOSSES):
-        fig.update_xaxes(title_text=f"{stage}-stage epoch (count)", row=slot // 3 + 1,
-                         col=slot % 3 + 1)
-        fig.update_yaxes(title_text="loss (epoch mean, unitless)" if slot % 3 == 0 else None,
-                         row=slot // 3 + 1, col=slot % 3 + 1)
-    return _layout(fig, "Loss breakdown per epoch", 640)
+    for slot, (_, _, stage) in enumerate(present):
+        where = {"row": slot // LOSS_GRID_COLUMNS + 1, "col": slot % LOSS_GRID_COLUMNS + 1}
+        fig.update_xaxes(title_text=f"{stage}-stage epoch (count)", **where)
+        fig.update_yaxes(title_text="loss (epoch mean, unitless)"
+                         if slot % LOSS_GRID_COLUMNS == 0 else None, **where)
+    return _layout(fig, "Loss breakdown per epoch", 320 * rows_needed)
 
 
 def _image_rows(history: pd.DataFrame) -> pd.DataFrame:

@@ -27,7 +27,8 @@ CSV files written by ``write_csvs``:
   - ``rank1``, ``rank5``, ``rank10``, ``map``: validation metrics in percent, 2 decimals;
   - ``is_best``: ``yes`` when that epoch became the selected (best) one, else ``no``.
 * ``configurations.csv``: one row per configuration (a fixed version x backbone over its seeds,
-  or one search trial): mean and std over splits and seeds, best validation, time.
+  or one search trial): mean and std over splits and seeds, best validation, time, and the
+  devices its trials ran on (``device``: ``cpu`` or the GPU's name and the node's card index).
 * ``summary.csv``: the summary table (configurations ranked by validation).
 * ``versus_thesis.csv``: per version and backbone, ours against the thesis's numbers.
 """
@@ -132,6 +133,40 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+IDENTITY_SET_TEXT = {"val_held_out": "train ids minus validation",
+                     "upstream_all_train": "all train ids (upstream)"}
+
+
+def identity_set_text(trials: pd.DataFrame) -> str:
+    """Which identities a configuration's trials trained on, with how many."""
+    if "identity_set" not in trials:
+        return ""
+    texts = set()
+    for _, row in trials.iterrows():
+        if _missing(row.get("identity_set")) or not row["identity_set"]:
+            continue
+        count = row.get("train_identities")
+        texts.add(IDENTITY_SET_TEXT.get(row["identity_set"], row["identity_set"])
+                  + ("" if _missing(count) else f" ({int(count)})"))
+    return ", ".join(sorted(texts))
+
+
+def device_text(row: pd.Series) -> str:
+    """Where a trial ran: ``cpu``, ``NVIDIA H200 #3`` (the GPU's name, the node's card index
+    Ray gave it), ``no device`` (it asked for CUDA and saw none); '' when not recorded."""
+    device = row.get("device")
+    if _missing(device) or not device:
+        return ""
+    if device == "none":
+        return "no device"
+    if not str(device).startswith("cuda"):
+        return str(device)
+    name = row.get("gpu_name")
+    name = str(device) if _missing(name) or not name else str(name)
+    ids = row.get("gpu_ids")
+    return f"{name} #{ids}" if not _missing(ids) and ids else name
+
+
 def knob_text(row: pd.Series, columns: Iterable[str], sep: str = "; ") -> str:
     return sep.join(f"{c.split('/', 1)[1]}={format_value(row[c])}" for c in columns)
 
@@ -213,6 +248,9 @@ def configurations(trials: pd.DataFrame) -> pd.DataFrame:
             "knobs_html": knob_text(first, knobs.get(group.index[0], []), sep="<br>"),
             "time_total_s": float(group["time_total_s"].sum()) if "time_total_s" in group
             else math.nan,
+            "device": ", ".join(sorted({text for _, r in group.iterrows()
+                                        if (text := device_text(r))})),
+            "trained_on": identity_set_text(group),
         }
         for metric in ("rank1", "mAP"):
             column = f"best_val_{metric}"
@@ -252,7 +290,8 @@ def summary_table(configs: pd.DataFrame, top: int | None = 10,
         "test_rank1": best.get("rank1"), "test_rank1_std": best.get("rank1_std"),
         "test_mAP": best.get("mAP"), "test_mAP_std": best.get("mAP_std"),
         "test_rank5": best.get("rank5"), "test_rank10": best.get("rank10"),
-        "time_total_s": best.get("time_total_s"), "knobs": best.get("knobs"),
+        "time_total_s": best.get("time_total_s"), "device": best.get("device"),
+        "trained_on": best.get("trained_on"), "knobs": best.get("knobs"),
     }).round(2)
 
 

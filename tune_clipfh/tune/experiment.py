@@ -4,28 +4,53 @@ Both decode the dataset once in the driver (a memory-mapped store every trial op
 resolve every path to absolute before ``fit()`` (trials run in their own working folders), and
 resume an interrupted experiment with ``Tuner.restore`` (finished trials kept, unfinished ones
 continued from their checkpoints, the Optuna searcher's state restored).
+
+A Ray cluster started here keeps Ray's token authentication on, with a token file only its user
+can read (:func:`init_ray`); trials get GPUs as :mod:`.gpus` plans them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
 from ..config import AS_RUN_SWITCHES, ConfigError, build_config
-from ..data.prepared import load_prepared, resolve_data_dir
+from ..data.prepared import identity_set_for, load_prepared, resolve_data_dir
 from ..errors import UserError
-from ..model import image_size_for
+from ..model.registry import BACKBONES, backbone_spec
+from .defaults import ASHA_GRACE, ASHA_REDUCTION
+from .gpus import AUTO, plan_gpus, ray_probe
+from .progress import TrialProgress, trial_folder_name
 from .space import SearchSpace, load_space
 from .trainable import META_KEYS, clipfh_trainable
-from .versions import VERSIONS_AS_RUN_FILE, load_versions
+from .versions import VERSIONS_AS_RUN_FILE, VERSIONS_FILE, load_versions
 
 OBJECTIVES = {"rank1": ["best_val_rank1"], "mAP": ["best_val_mAP"],
               "both": ["best_val_rank1", "best_val_mAP"]}
+AUTH_MODE_VAR, TOKEN_VAR, TOKEN_PATH_VAR = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+LOCAL_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
+"""The node address of a cluster started here. Ray 2.60 cannot keep a local cluster on
+loopback: its GCS, raylet and worker gRPC servers listen on every interface whatever the node
+address, and ``ray.init`` rewrites ``_node_ip_address="127.0.0.1"`` (or ``localhost``) to the
+machine's outward address. Another loopback address is kept as given (on Linux all of
+127.0.0.0/8 is loopback), so the servers Ray binds to the node address (the runtime-env agent)
+and every address Ray advertises stay on loopback. What refuses other hosts and local users at
+the wildcard listeners is the token. (Elsewhere Ray already uses 127.0.0.1 for a local
+cluster.)"""
 
 
 @dataclass
@@ -37,7 +62,8 @@ class ExperimentOptions:
     data: str | None = None
     cache_dir: str | None = None
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: float | str = AUTO
+    """``auto`` (see :mod:`.gpus`) or a number of GPUs, fractions sharing a card."""
     max_concurrent: int | None = None
     address: str | None = None
     resume: bool = False
@@ -49,21 +75,67 @@ def default_storage() -> Path:
     return (Path.cwd() / "runs" / "ray").resolve()
 
 
-def init_ray(options: ExperimentOptions) -> None:
-    import ray
-
+def init_ray(options: ExperimentOptions, **ray_kwargs: Any) -> None:
+    """Connect to ``options.address`` (or ``RAY_ADDRESS``) with the user's own Ray settings, or
+    start a local cluster with token authentication on and no dashboard. ``ray_kwargs`` go to
+    ``ray.init`` (tests pass ``num_cpus``)."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Trials resolve paths before fit(); keep Ray's own chdir off too, so nothing relative breaks.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     # Trial logs stay in each trial's folder; the driver prints one line per epoch instead.
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "configure_logging": False}
-    if options.address:
-        ray.init(address=options.address, **kwargs)
-    else:
-        ray.init(**kwargs)
+                              "configure_logging": False, **ray_kwargs}
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, **kwargs)
+        return
+    secure_local_auth()
+    if LOCAL_NODE_IP:
+        kwargs.setdefault("_node_ip_address", LOCAL_NODE_IP)
+    ray.init(**kwargs)
+
+
+def auth_token_path() -> Path | None:
+    """The token file Ray reads here (``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``), or
+    None when the token comes from ``RAY_AUTH_TOKEN``."""
+    if os.environ.get(TOKEN_VAR):
+        return None
+    custom = os.environ.get(TOKEN_PATH_VAR)
+    return Path(custom).expanduser() if custom else Path.home() / ".ray" / "auth_token"
+
+
+def secure_local_auth() -> Path | None:
+    """Token authentication for a Ray cluster this process starts: on, whatever
+    ``RAY_AUTH_MODE`` says, with a token file only this user can read (created here, mode 0600,
+    before Ray would write one with the default umask). Returns the token file (None: the token
+    is ``RAY_AUTH_TOKEN``)."""
+    mode = os.environ.get(AUTH_MODE_VAR)
+    if mode is not None and mode.lower() != "token":
+        _stderr(f"[ray] {AUTH_MODE_VAR}={mode} ignored: a Ray cluster tune-clipfh starts always "
+                f"uses token authentication")
+        # Unset, Ray 2.60 turns token authentication on for a new local cluster (and refreshes
+        # its configuration, which it read from the environment at import).
+        del os.environ[AUTH_MODE_VAR]
+    # Ray's own notice for that default says how to opt out; this project does not.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
+    path = auth_token_path()
+    if path is None:
+        return None
+    try:
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))  # 256 bits, as Ray's own tokens
+        elif stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+            _stderr(f"[ray] {path}: made readable by its owner only (mode 0600)")
+    except OSError as exc:
+        raise UserError(f"Ray authentication token {path}: {exc.strerror or exc} (it must be a "
+                        f"file only you can read; set {TOKEN_PATH_VAR} to use another)") from None
+    return path
 
 
 def _storage_and_name(options: ExperimentOptions, prefix: str) -> tuple[str, str]:
@@ -75,12 +147,17 @@ def _storage_and_name(options: ExperimentOptions, prefix: str) -> tuple[str, str
 
 
 def _prepare_shared_data(knob_sets: list[dict[str, Any]], options: ExperimentOptions) -> dict:
-    """Decode the data once per resolution before any trial starts; return absolute paths."""
+    """Decode the data once per resolution before any trial starts, and check that it offers
+    every identity set the trials train on (as-run trials: all training identities, B11), so
+    a bad folder fails here rather than in every trial; return absolute paths."""
     data_dir = resolve_data_dir(options.data, options.cache_dir, log=_stderr)
-    sizes = {image_size_for(k.get("model", "vitb16"), k.get("profile", options.profile))
+    sizes = {backbone_spec(k.get("model", "vitb16")).input_size(k.get("profile", options.profile))
              for k in knob_sets}
+    identity_sets = {identity_set_for(k.get("select_on", "val")) for k in knob_sets}
     for size in sorted(sizes):
-        load_prepared(data_dir, size, cache_dir=options.cache_dir, progress=True)
+        for identity_set in sorted(identity_sets):  # both views share one decoded store
+            load_prepared(data_dir, size, cache_dir=options.cache_dir, progress=True,
+                          identity_set=identity_set)
     return {"data_dir": str(data_dir), "cache_dir": options.cache_dir}
 
 
@@ -88,15 +165,26 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _resources(options: ExperimentOptions) -> dict[str, float]:
-    return {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial}
+def plan_trial_gpus(options: ExperimentOptions, knob_sets: list[dict[str, Any]],
+                    probe_sets: list[dict[str, Any]] | None = None) -> float:
+    """Start (or join) Ray, then GPUs per trial for these knob sets (``--gpus-per-trial``, see
+    :mod:`.gpus`; the memory probe runs ``probe_sets``, by default the knob sets). When
+    the trials must run on the CPU, each knob set's ``device`` becomes ``cpu``."""
+    init_ray(options)
+    devices = {str(k.get("device", "auto")) for k in knob_sets}
+    probed = [{k: v for k, v in knobs.items() if k not in META_KEYS}
+              for knobs in probe_sets or knob_sets]
+    plan = plan_gpus(options.gpus_per_trial, ray.cluster_resources().get("GPU", 0.0), devices,
+                     ray_probe(probed))
+    if plan.note:
+        _stderr(plan.note)
+    if plan.device:
+        for knobs in knob_sets:
+            knobs["device"] = plan.device
+    return plan.gpus_per_trial
 
 
 def _run_config(options: ExperimentOptions, storage: str, name: str):
-    from ray import tune
-
-    from .progress import TrialProgress
-
     return tune.RunConfig(
         name=name, storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
@@ -112,18 +200,12 @@ def _tune_config(**kwargs):
     trial on 2 busy cores against about 1.5 s reused. Every trial builds its Trainer from
     scratch and seeds it explicitly, so reuse changes no result.
     """
-    from ray import tune
-
-    from .progress import trial_folder_name
-
     kwargs.setdefault("reuse_actors", True)
     return tune.TuneConfig(trial_name_creator=trial_folder_name,
                            trial_dirname_creator=trial_folder_name, **kwargs)
 
 
 def _restore(path: Path, trainable):
-    from ray import tune
-
     if tune.Tuner.can_restore(str(path)):
         _stderr(f"[tune] resuming experiment {path}")
         return tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
@@ -140,10 +222,11 @@ def fixed_trials(backbones: list[str], versions: list[str] | None, profile: str,
     """
     trials = []
     path = VERSIONS_AS_RUN_FILE if as_run else None
+    defined = load_versions(path, profile=profile)
     for backbone in backbones:
-        resolved = load_versions(path, profile=profile).get(backbone)
+        resolved = defined.get(backbone)
         if resolved is None:
-            raise ConfigError(f"--backbones: {backbone!r} is not valid (valid: vitb16, rn50)")
+            raise ConfigError(_unknown_backbone(backbone, list(defined), path or VERSIONS_FILE))
         chosen = versions or list(resolved)
         for version in chosen:
             if version not in resolved:
@@ -156,6 +239,15 @@ def fixed_trials(backbones: list[str], versions: list[str] | None, profile: str,
                            "behaviour": "as_run" if as_run else "correct",
                            "thesis_run": item.thesis_run, **knobs})
     return trials
+
+
+def _unknown_backbone(backbone: str, with_versions: list[str], versions_file: Path) -> str:
+    reproducible = f"backbones with versions in {Path(versions_file).name}: " \
+        f"{', '.join(with_versions)}"
+    if backbone in BACKBONES:
+        return f"--backbones: {backbone!r} has no versions to reproduce ({reproducible})"
+    return (f"--backbones: {backbone!r} is not a backbone (valid: {', '.join(BACKBONES)}; "
+            f"{reproducible})")
 
 
 def ablation_trials(backbone: str, version: str, profile: str,
@@ -195,12 +287,11 @@ def ablate(backbone: str, version: str, options: ExperimentOptions) -> Path:
 def run_fixed_trials(trials: list[dict[str, Any]], options: ExperimentOptions, prefix: str,
                      meta: dict[str, Any]) -> Path:
     """One Tune experiment over fixed trials x seeds; each trial runs its own early stopping."""
-    from ray import tune
-
     storage, name = _storage_and_name(options, prefix)
     shared = _prepare_shared_data(trials, options)
+    gpus = plan_trial_gpus(options, trials)
     return _fit_experiment(
-        options, storage, name, {}, shared,
+        options, storage, name, {}, shared, gpus,
         {"kind": "reproduce", "seeds": options.seeds, **meta},
         param_space={"fixed": tune.grid_search(trials),
                      "seed": tune.grid_search(list(range(options.seeds)))},
@@ -208,52 +299,46 @@ def run_fixed_trials(trials: list[dict[str, Any]], options: ExperimentOptions, p
 
 
 def _fit_experiment(options: ExperimentOptions, storage: str, name: str,
-                    base_knobs: dict[str, Any], shared: dict, meta: dict[str, Any],
-                    **tuner_kwargs: Any) -> Path:
+                    base_knobs: dict[str, Any], shared: dict, gpus_per_trial: float,
+                    meta: dict[str, Any], **tuner_kwargs: Any) -> Path:
     """Start (or, with ``options.resume``, restore) one Tune experiment of the trainable, record
     what it is next to Ray's own state, and run it to the end; returns its folder."""
-    from ray import tune
-
     path = Path(storage) / name
     trainable = tune.with_resources(
         tune.with_parameters(clipfh_trainable, base_knobs=base_knobs, **shared),
-        _resources(options))
+        {"cpu": options.cpus_per_trial, "gpu": gpus_per_trial})
     init_ray(options)
     if options.resume:
         tuner = _restore(path, trainable)
     else:
         tuner = tune.Tuner(trainable, run_config=_run_config(options, storage, name),
                            **tuner_kwargs)
-    _write_meta(path, {"profile": options.profile, "data_dir": shared["data_dir"], **meta})
+    _write_meta(path, {"profile": options.profile, "data_dir": shared["data_dir"],
+                       "gpus_per_trial": gpus_per_trial, **meta})
     tuner.fit()
     return path
 
 
-class FinalRowOptunaSearch:
-    """Factory for an OptunaSearch that records scheduler-stopped trials as PRUNED.
+class FinalRowOptunaSearch(OptunaSearch):
+    """An OptunaSearch that records scheduler-stopped trials as PRUNED.
 
     OptunaSearch tells Optuna the last reported row; a trial stopped early by ASHA would enter
     the study as COMPLETE with under-trained metrics (anchors 3.3, pitfall 2). Only trials that
     reached their final row (``final == 1``) count as COMPLETE.
     """
 
-    @staticmethod
-    def create(**kwargs):
-        from ray.tune.search.optuna import OptunaSearch
+    @classmethod
+    def create(cls, **kwargs) -> FinalRowOptunaSearch:
+        return cls(**kwargs)
 
-        class _Search(OptunaSearch):
-            def on_trial_complete(self, trial_id, result=None, error=False):
-                if result is not None and not result.get("final"):
-                    result = None
-                super().on_trial_complete(trial_id, result=result, error=error)
-
-        return _Search(**kwargs)
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result is not None and not result.get("final"):
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def make_sampler(kind: str, seed: int):
     """Multivariate TPE (multi-objective TPE when several metrics), or random search."""
-    import optuna
-
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: concurrent trials do not all get the same suggestion.
@@ -263,13 +348,10 @@ def make_sampler(kind: str, seed: int):
 
 def search(space_path: str | None, num_samples: int, objective: str, backbone: str,
            from_experiment: str | None, options: ExperimentOptions, *,
-           asha_grace: int = 2, asha_reduction: int = 3, warm_start: bool = True,
-           sampler: str = "tpe", asha: bool = True) -> Path:
+           asha_grace: int = ASHA_GRACE, asha_reduction: int = ASHA_REDUCTION,
+           warm_start: bool = True, sampler: str = "tpe", asha: bool = True) -> Path:
     """Optuna search on VALIDATION metrics, warm-started with the versions, ASHA early stop
     (``asha=False``: every trial runs to its own end; the benchmark's baseline)."""
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler
-
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective: {objective!r} is not valid (valid: "
                           f"{', '.join(OBJECTIVES)})")
@@ -279,9 +361,12 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
     base = {**space.base, "model": backbone, "profile": options.profile, "pretrained": "auto",
             **options.overrides}
     base["data_dir"], base["cache_dir"] = None, options.cache_dir
-    build_config(base, f"{space.source} base")
+    base_config = build_config(base, f"{space.source} base").config
     shared = _prepare_shared_data([base], options)
     base["data_dir"] = shared["data_dir"]
+    # The memory probe measures the largest batch the space may sample.
+    gpus = plan_trial_gpus(options, [base], probe_sets=[
+        {**base, "batch_size": space_maximum(space, "batch_size", base_config.batch_size)}])
     metrics = OBJECTIVES[objective]
     modes = ["max"] * len(metrics)
     study_storage = path / "optuna.db"
@@ -306,13 +391,22 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
                               grace_period=asha_grace, reduction_factor=asha_reduction,
                               max_t=10_000) if asha else None
     return _fit_experiment(
-        options, storage, name, base, shared,
+        options, storage, name, base, shared, gpus,
         {"kind": "search", "backbone": backbone, "objective": objective, "metrics": metrics,
          "num_samples": num_samples, "space": space.source, "optuna_storage": study_url,
          "study_name": name},
         tune_config=_tune_config(search_alg=searcher, scheduler=scheduler,
                                  num_samples=num_samples,
                                  max_concurrent_trials=options.max_concurrent or 2))
+
+
+def space_maximum(space: SearchSpace, name: str, default: Any) -> Any:
+    """The largest value the space samples for ``name`` (``default`` when it is not searched)."""
+    for param in space.parameters:
+        if param.name == name:
+            return max(param.choices) if param.type == "categorical" else \
+                type(default)(param.high)
+    return default
 
 
 def version_points(space: SearchSpace, backbone: str, profile: str) -> list[dict[str, Any]]:
@@ -332,12 +426,9 @@ def seed_study_with_results(study_url: str, study_name: str, space: SearchSpace,
     (OptunaSearch's ``evaluated_rewards`` does not work with a define-by-run space, so the
     study is created first in the shared storage and OptunaSearch loads it.)
     """
-    import optuna
-    from ray.tune import ExperimentAnalysis
-
     if not experiment.is_dir():
         raise UserError(f"--from-experiment {experiment}: folder does not exist")
-    analysis = ExperimentAnalysis(str(experiment.resolve()))
+    analysis = tune.ExperimentAnalysis(str(experiment.resolve()))
     study = optuna.create_study(storage=study_url, study_name=study_name,
                                 directions=["maximize"] * len(metrics), load_if_exists=True)
     added: list[dict] = []

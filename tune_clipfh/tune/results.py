@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from ray.tune import ExperimentAnalysis
 
 from .progress import trial_label
 
 SUMMARY_COLUMNS = ["trial_id", "label", "seed", "status", "epoch", "best_val_rank1",
-                   "best_val_mAP", "test_rank1", "test_mAP", "time_total_s"]
+                   "best_val_mAP", "test_rank1", "test_mAP", "time_total_s", "device",
+                   "gpu_name"]
 
 
 def experiment_meta(path: Path) -> dict[str, Any]:
@@ -27,9 +29,8 @@ def experiment_meta(path: Path) -> dict[str, Any]:
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
-    """One row per trial: knobs (``config/...``), its last reported metrics, status, label."""
-    from ray.tune import ExperimentAnalysis
-
+    """One row per trial: knobs (``config/...``), its last reported metrics (``device`` and
+    ``gpu_name`` among them), status, label."""
     analysis = ExperimentAnalysis(str(Path(path).resolve()))
     rows = []
     for trial in analysis.trials:
@@ -56,7 +57,9 @@ def summarize_experiment(path: str | Path) -> str:
     frame = load_results(path)
     if frame.empty:
         return f"{path}: no trials"
-    present = [c for c in SUMMARY_COLUMNS if c in frame.columns]
+    # gpu_name only when some trial ran on a GPU
+    present = [c for c in SUMMARY_COLUMNS if c in frame.columns
+               and (c != "gpu_name" or frame[c].fillna("").astype(bool).any())]
     table = frame[present].sort_values("best_val_rank1", ascending=False,
                                        na_position="last")
     counts = frame["status"].value_counts().to_dict()

@@ -4,7 +4,8 @@ Per epoch it reports the core's metrics (losses, every group's rate, validation 
 their running best, epoch time) and, every ``checkpoint_every`` epochs, a checkpoint holding the
 whole training state; on restart it resumes from ``tune.get_checkpoint()``. A last row carries the
 10-split test metrics as ``test_*`` columns, the run's ``status`` and ``final = 1`` (a trial
-without that row was stopped by the scheduler).
+without that row was stopped by the scheduler). Every row says where the trial runs: ``device``
+(``cpu``, ``cuda:0``), ``gpu_name`` and ``gpu_ids`` (the node's cards Ray gave it).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import torch
 from ray import tune
 
 from ..config import ConfigError, build_config
-from ..data.prepared import load_prepared
-from ..model import image_size_for
+from ..data.prepared import identity_set_for, load_prepared
+from ..model.registry import backbone_spec
 from ..train.run import load_torch, save_torch
-from ..train.stages import EpochRecord, Trainer
+from ..train.stages import DeviceUnavailable, EpochRecord, Trainer, pick_device
 
 STATE_FILE = "state.pt"
 META_KEYS = ("version", "backbone", "kind", "thesis_run", "behaviour", "ablation")
@@ -55,6 +56,18 @@ def test_columns(test: dict[str, Any] | None) -> dict[str, float]:
     return columns
 
 
+def device_columns(device: torch.device | None) -> dict[str, str]:
+    """``device`` (``cpu``, ``cuda:0``, ``none``), ``gpu_name`` and ``gpu_ids`` (the node's
+    cards Ray assigned to the trial) of a trial running on ``device``."""
+    gpu_ids = ",".join(str(i) for i in ray.get_gpu_ids())
+    if device is None or device.type != "cuda":
+        return {"device": "none" if device is None else "cpu", "gpu_name": "",
+                "gpu_ids": gpu_ids}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"device": f"cuda:{index}", "gpu_name": torch.cuda.get_device_name(index),
+            "gpu_ids": gpu_ids}
+
+
 def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any],
                      data_dir: str, cache_dir: str | None = None) -> None:
     """Train one trial and report each epoch to Tune."""
@@ -67,11 +80,25 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
         tune.report({"final": 1, "status": "invalid_config", "error": str(exc),
                      "best_val_rank1": 0.0, "best_val_mAP": 0.0})
         return
+    try:
+        device = pick_device(config.device)
+    except DeviceUnavailable as exc:
+        # device: cuda, but Ray gave the trial no card (or the node's CUDA is broken): recorded
+        # as such, never run on the CPU instead.
+        tune.report({"final": 1, "status": "device_unavailable", "error": str(exc),
+                     **device_columns(None), "best_val_rank1": 0.0, "best_val_mAP": 0.0})
+        return
+    where = device_columns(device)
     # A trial's torch threads follow the CPUs Ray gave it (Ray sets OMP_NUM_THREADS).
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    data = load_prepared(data_dir, image_size_for(config.model, config.profile),
-                         cache_dir=cache_dir, progress=False)
-    trainer = Trainer(config, data, log=lambda line: print(line, flush=True), progress=False)
+    # as-run selection on test split 1 trains on all training identities, as upstream did (B11)
+    data = load_prepared(data_dir, backbone_spec(config.model).input_size(config.profile),
+                         cache_dir=cache_dir, progress=False,
+                         identity_set=identity_set_for(config.select_on))
+    where = {**where, "identity_set": data.manifest.identity_set,
+             "train_identities": len(data.identities)}
+    trainer = Trainer(config, data, log=lambda line: print(line, flush=True), progress=False,
+                      device=device)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -87,7 +114,7 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
     def on_epoch(record: EpochRecord) -> None:
         nonlocal last_checkpoint
         metrics = {**record.metrics, "stage": record.stage, "stage_epoch": record.epoch,
-                   "epoch": record.iteration, "final": 0, "node_id": node_id}
+                   "epoch": record.iteration, "final": 0, "node_id": node_id, **where}
         due = record.iteration % config.checkpoint_every == 0 and \
             time.monotonic() - last_checkpoint >= config.checkpoint_min_interval_s
         if not due:
@@ -105,7 +132,7 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
     if last:
         last["stage_epoch"], last["epoch"] = last["epoch"], last.pop("iteration")
     selected = result.best_epoch is not None  # else no stage-2 epoch: the last row's values
-    final = {**last, "status": result.status, "final": 1, "node_id": node_id,
+    final = {**last, "status": result.status, "final": 1, "node_id": node_id, **where,
              "best_epoch": result.best_epoch if selected else -1,
              "best_val_rank1": result.best_val["rank1"] if selected else last.get(
                  "best_val_rank1", 0.0),
