@@ -208,3 +208,48 @@ def test_arcface_logits_follow_the_formula():
 def test_arcface_rejects_invalid_settings(kwargs, key):
     with pytest.raises(ValueError, match=key):
         ArcFaceHead(4, 2, **kwargs)
+
+
+# --- the loss table ---------------------------------------------------------------------------
+
+def test_loss_table_rows_name_real_knobs_and_unique_columns():
+    from tune_clipfh.config import FIELDS, RunConfig
+    from tune_clipfh.loss_table import LOSS_TABLE, loss_columns
+
+    defaults = RunConfig()
+    for term in LOSS_TABLE:
+        assert term.toggle in FIELDS and isinstance(getattr(defaults, term.toggle), bool)
+        assert term.weight in FIELDS and isinstance(getattr(defaults, term.weight), float)
+    columns = [column for column, _, _ in loss_columns()]
+    assert len(columns) == len(set(columns)) == len(LOSS_TABLE) + 2
+
+
+def test_weighted_terms_are_the_active_rows_times_their_weights():
+    from tune_clipfh.config import build_config
+    from tune_clipfh.loss_table import LossInputs, weighted_terms
+    from tune_clipfh.losses import CenterLoss
+
+    config = build_config({"loss_use_triplet": False, "loss_use_center": True,
+                           "weight_id": 2.0, "center_loss_weight": 0.5}, "test").config
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 1, 1])
+    features = torch.randn(4, 8)
+    inputs = LossInputs(config, labels, 10.0, features=features, bn_features=features,
+                        logits=torch.randn(4, 2), identity_text=torch.randn(2, 8),
+                        center=CenterLoss(2, 8))
+    terms = weighted_terms(config, "image", inputs)
+    assert set(terms) == {"loss_id", "loss_center", "loss_i2t"}
+    assert float(terms["loss_id"]) == pytest.approx(2.0 * float(F.cross_entropy(inputs.logits, labels)))
+    assert float(terms["loss_center"]) == pytest.approx(
+        0.5 * float(inputs.center(features, labels).detach()))
+    image_only = build_config({"stage_mode": "image_only"}, "test").config
+    assert "loss_i2t" not in weighted_terms(image_only, "image", inputs)  # needs stage-1 prompts
+
+
+def test_a_stage_with_every_loss_off_is_refused_naming_the_toggles():
+    from tune_clipfh.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="loss_use_id.*every image-stage loss is off "
+                       r"\(loss_use_id, loss_use_triplet, loss_use_center, loss_use_i2t\)"):
+        build_config({"loss_use_id": False, "loss_use_triplet": False,
+                      "loss_use_center": False, "loss_use_i2t": False}, "test")

@@ -12,8 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import describe_keys, load_config
+from .config import ConfigError, describe_keys, load_config, parse_overrides
+from .data.manifest import IDENTITY_SETS
 from .errors import UserError
+from .model.registry import BACKBONES
+from .resources import config_file, resource_path
+from .tune.defaults import ASHA_GRACE, ASHA_REDUCTION
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -28,7 +32,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     common = dict(seed=args.seed, identity_split=args.identity_split,
-                  val_fraction=args.val_fraction, num_splits=args.num_splits)
+                  val_fraction=args.val_fraction, num_splits=args.num_splits,
+                  identity_set=args.identity_set)
     if args.dataset == "11k":
         from .data.hands11k import prepare_11k
 
@@ -43,7 +48,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    loaded = load_config(args.file, args.set)
+    loaded = load_config(config_file(args.file), args.set)
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
     print(loaded.config.to_yaml(), end="")
@@ -93,17 +98,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train.run import evaluate_run, result_lines
+    from .train.run import evaluate_run, jsonable, result_lines, zero_shot_run
 
-    test = evaluate_run(Path(args.run), progress=not args.no_progress)
-    if args.json:
-        from .train.run import jsonable
-
-        print(json.dumps(jsonable({"mean": test["mean"], "std": test["std"]}), indent=1))
+    zero_shot_call = args.zero_shot and args.config and not args.run
+    run_call = not args.zero_shot and args.run and not args.config
+    if not (zero_shot_call or run_call):
+        raise UserError("eval takes --run DIR (a trained run), or --config FILE --zero-shot "
+                        "(the pretrained model without training)")
+    if args.zero_shot:
+        config = load_config(config_file(args.config), args.set).config
+        out = Path(args.out) if args.out else None
+        result = zero_shot_run(config, out, progress=not args.no_progress)
+        test, val = result["test"], result["val"]
     else:
-        print(f"test, mean +- std over {len(test['per_split'])} splits:")
-        for line in result_lines(test):
-            print(f"  {line}")
+        test, val = evaluate_run(Path(args.run), progress=not args.no_progress), None
+    if args.json:
+        print(json.dumps(jsonable({"val": val, "mean": test["mean"], "std": test["std"]}),
+                         indent=1))
+        return 0
+    if val is not None:
+        print(f"validation: Rank-1 {val['rank1'] * 100:.2f} %, mAP {val['mAP'] * 100:.2f} %")
+    print(f"test, mean +- std over {len(test['per_split'])} splits:")
+    for line in result_lines(test):
+        print(f"  {line}")
     return 0
 
 
@@ -114,10 +131,11 @@ def cmd_versions(args: argparse.Namespace) -> int:
     backbones = [args.backbone] if args.backbone else list(resolved)
     chosen = []
     for backbone in backbones:
+        if backbone not in resolved:
+            raise ConfigError(f"--backbone: {backbone} has no thesis versions (defined: "
+                              f"{', '.join(resolved)})")
         versions = resolved[backbone]
         if args.version and args.version not in versions:
-            from .config import ConfigError
-
             raise ConfigError(f"--version: {args.version!r} is not defined for {backbone} "
                               f"(valid: {', '.join(versions)})")
         chosen += [v for name, v in versions.items() if not args.version or name == args.version]
@@ -126,7 +144,6 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def _experiment_options(args: argparse.Namespace):
-    from .config import parse_overrides
     from .tune.experiment import ExperimentOptions
 
     return ExperimentOptions(
@@ -193,7 +210,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default: train once, reproduce v1-v10, search, summarise."""
-    from .config import load_config
     from .train.run import result_lines, train_run
     from .tune.experiment import ExperimentOptions, reproduce, search
     from .tune.results import summarize_experiment
@@ -209,7 +225,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in result_lines(result.test):
         print(f"  test {line}")
     options = ExperimentOptions(storage=str(out / "ray"), profile="tiny",
-                                max_concurrent=args.max_concurrent)
+                                max_concurrent=args.max_concurrent,
+                                gpus_per_trial=args.gpus_per_trial)
     print("== 2/3 reproduce v1-v10 on both backbones (tiny profile, fixed trials)", flush=True)
     options.name = f"reproduce-{stamp}"
     reproduced = reproduce(["vitb16", "rn50"], None, options)
@@ -230,6 +247,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+PRETRAIN_ALL = ("vitb16", "rn50")
+"""What ``pretrain --backbone all`` builds: the thesis backbones."""
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .model.pretrain import pretrain
+
+    for backbone in PRETRAIN_ALL if args.backbone == "all" else (args.backbone,):
+        started = time.perf_counter()
+        path = pretrain(backbone, args.cache_dir, seed=args.seed, progress=not args.no_progress,
+                        force=args.force)
+        print(f"{backbone}: synthetic pretrained tiny weights at {path} "
+              f"({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import parse_lines, run_bench, settings_for
 
@@ -242,6 +275,23 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+def _gpus_per_trial(text: str) -> float | str:
+    from .tune.gpus import parse_gpus_per_trial
+
+    try:
+        return parse_gpus_per_trial(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_gpus_per_trial(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpus-per-trial", type=_gpus_per_trial, default="auto",
+                        help="GPUs each trial gets from Ray (default: auto: none without GPUs; "
+                        "with GPUs, 1 or the share of a card a short memory probe measures). "
+                        "Fractions share a card without memory isolation; 0 on a cluster with "
+                        "GPUs runs device: auto trials on the CPU")
+
+
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per configuration")
@@ -251,8 +301,7 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="results folder or URI (default: ./runs/ray); "
                         "multi-node runs need a shared path")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0,
-                        help="fractional values share a GPU (no memory isolation)")
+    _add_gpus_per_trial(parser)
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as "
                         "resources allow)")
     parser.add_argument("--address", help="connect to an existing Ray cluster")
@@ -264,7 +313,7 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
                         help="override a knob in every trial")
 
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_synthetic.yaml"
+DEMO_CONFIG = resource_path("configs", "tiny_synthetic.yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,8 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--identity-split", choices=("half", "upstream"), default="half",
                          help="half: first half of sorted identities; upstream: thesis thresholds")
-    prepare.add_argument("--val-fraction", type=float, default=0.2,
-                         help="share of training identities held out for validation")
+    prepare.add_argument("--val-fraction", type=float, default=None,
+                         help="share of training identities held out for validation, in (0, 1) "
+                         "(default 0.2)")
+    prepare.add_argument("--identity-set", choices=IDENTITY_SETS, default=IDENTITY_SETS[0],
+                         help="val_held_out: validation carved from the training identities; "
+                         "upstream_all_train: train on all of them, as upstream did (B11)")
     prepare.add_argument("--num-splits", type=int, default=10)
     prepare.add_argument("--cross-aspect-gallery", action="store_true",
                          help="also build pooled galleries of all four aspects (MBA-Net)")
@@ -301,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = verbs.add_parser("config", help="validate configurations").add_subparsers(
         dest="config_verb", required=True)
     check = config.add_parser("check", help="validate a YAML file and print it resolved")
-    check.add_argument("file")
+    check.add_argument("file", help="a YAML path, or a shipped config by name "
+                       "(tiny_synthetic, vitb16_11k_dorsal_r, rn50_11k_dorsal_r)")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     check.set_defaults(func=cmd_config_check)
     keys = config.add_parser("keys", help="list every configuration key")
@@ -316,14 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=cmd_train)
 
-    evaluate = verbs.add_parser("eval", help="re-evaluate a saved run on its 10 splits")
-    evaluate.add_argument("--run", required=True)
+    evaluate = verbs.add_parser(
+        "eval", help="re-evaluate a saved run on its 10 splits, or a pretrained model zero-shot")
+    evaluate.add_argument("--run", help="a run folder (its best checkpoint)")
+    evaluate.add_argument("--config", help="with --zero-shot: the configuration to evaluate")
+    evaluate.add_argument("--zero-shot", action="store_true",
+                          help="evaluate the pretrained weights without any training")
+    evaluate.add_argument("--out", help="with --zero-shot: write test_results.json here")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
 
     versions = verbs.add_parser("versions", help="print the resolved knobs of v1-v10")
-    versions.add_argument("--backbone", choices=("vitb16", "rn50"))
+    versions.add_argument("--backbone", choices=tuple(BACKBONES))
     versions.add_argument("--version", help="one version, e.g. v5")
     versions.add_argument("--profile", choices=("full", "tiny"), default="full")
     versions.add_argument("--format", choices=("table", "yaml", "json"), default="table")
@@ -341,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ablation = verbs.add_parser(
         "ablate", help="one version: correct, as-run, and as-run with each upstream bug fixed")
-    ablation.add_argument("--backbone", choices=("vitb16", "rn50"), default="vitb16")
+    ablation.add_argument("--backbone", choices=tuple(BACKBONES), default="vitb16")
     ablation.add_argument("--version", default="v5")
     _add_experiment_options(ablation)
     ablation.set_defaults(func=cmd_ablate)
@@ -351,13 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--num-samples", type=int, default=16)
     search.add_argument("--objective", choices=("rank1", "mAP", "both"), default="rank1",
                         help="validation metric(s) to maximise")
-    search.add_argument("--backbone", choices=("vitb16", "rn50"), default="vitb16")
+    search.add_argument("--backbone", choices=tuple(BACKBONES), default="vitb16")
     search.add_argument("--from-experiment", help="a reproduce experiment whose measured "
                         "versions warm-start the study")
     search.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
-    search.add_argument("--asha-grace", type=int, default=3,
-                        help="ASHA grace period in reported epochs")
-    search.add_argument("--asha-reduction", type=int, default=3, help="ASHA reduction factor")
+    search.add_argument("--asha-grace", type=int, default=ASHA_GRACE,
+                        help="ASHA grace period in reported epochs (default: %(default)s)")
+    search.add_argument("--asha-reduction", type=int, default=ASHA_REDUCTION,
+                        help="ASHA reduction factor (default: %(default)s)")
     _add_experiment_options(search)
     search.set_defaults(func=cmd_search)
 
@@ -375,7 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--num-samples", type=int, default=8)
     demo.add_argument("--max-concurrent", type=int, default=2)
+    _add_gpus_per_trial(demo)
     demo.set_defaults(func=cmd_demo)
+
+    pretrain = verbs.add_parser("pretrain", help="contrastive image-text pretraining of the tiny "
+                                "backbones on synthetic captioned hands (pretrained: synthetic)")
+    pretrain.add_argument("--backbone", choices=(*BACKBONES, "all"), default="all",
+                          help=f"all: {', '.join(PRETRAIN_ALL)} (default: %(default)s)")
+    pretrain.add_argument("--seed", type=int, default=0,
+                          help="seed of the corpus, the initialisation and the batch order "
+                          "(pretrained: synthetic uses 0)")
+    pretrain.add_argument("--force", action="store_true",
+                          help="pretrain again even when the weights are cached")
+    pretrain.add_argument("--cache-dir", help="cache folder (default: TUNE_CLIPFH_CACHE or "
+                          "~/.cache/tune-clipfh)")
+    pretrain.add_argument("--no-progress", action="store_true")
+    pretrain.set_defaults(func=cmd_pretrain)
 
     bench = verbs.add_parser("bench", help="performance benchmark: ratios measured side by side "
                              "(evaluator, Tune overhead, input pipeline, prompt cache, "

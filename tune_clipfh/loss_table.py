@@ -41,7 +41,7 @@ class LossTerm:
     toggle: str  # RunConfig bool knob
     weight: str  # RunConfig float knob
     function: Callable[[LossInputs], Any]
-    help: str
+    title: str  # how reports name it
     needs_prompt_stage: bool = False  # compares with learnt prompts, so needs stage 1
 
     @property
@@ -61,21 +61,21 @@ def _supcon(x: LossInputs, anchors: Any, contrasts: Any) -> Any:
 
 LOSS_TABLE: tuple[LossTerm, ...] = (
     LossTerm("i2t", "prompt", "loss_use_supcon", "weight_supcon",
-             lambda x: _supcon(x, x.image, x.text), "SupCon, images as anchors"),
+             lambda x: _supcon(x, x.image, x.text), "SupCon image-to-text"),
     LossTerm("t2i", "prompt", "loss_use_supcon", "weight_supcon",
-             lambda x: _supcon(x, x.text, x.image), "SupCon, texts as anchors"),
+             lambda x: _supcon(x, x.text, x.image), "SupCon text-to-image"),
     LossTerm("id", "image", "loss_use_id", "weight_id",
              lambda x: losses.id_loss(x.logits, x.labels, x.config.label_smoothing),
-             "ID cross-entropy on the linear or ArcFace head"),
+             "ID (linear or ArcFace head)"),
     LossTerm("triplet", "image", "loss_use_triplet", "weight_triplet",
              lambda x: losses.batch_hard_triplet(x.features, x.labels, x.config.triplet_margin),
-             "batch-hard triplet on the image features"),
+             "triplet"),
     LossTerm("center", "image", "loss_use_center", "center_loss_weight",
-             lambda x: x.center(x.bn_features, x.labels), "center loss on the BNNeck features"),
+             lambda x: x.center(x.bn_features, x.labels), "center"),
     LossTerm("i2t", "image", "loss_use_i2t", "weight_i2t",
              lambda x: losses.image_to_text_ce(x.features, x.identity_text, x.labels,
                                                x.logit_scale, x.config.label_smoothing),
-             "image to every identity's text, cross-entropy", needs_prompt_stage=True),
+             "image-to-text", needs_prompt_stage=True),
 )
 
 
@@ -97,6 +97,11 @@ TOTAL_COLUMNS = {"prompt": "prompt_loss", "image": "loss_total"}
 """The summed loss of each stage's epoch, beside the per-term columns."""
 
 
-def history_columns() -> list[str]:
-    """Every loss column an epoch row can hold, totals first."""
-    return [*TOTAL_COLUMNS.values(), *(term.column for term in LOSS_TABLE)]
+def loss_columns() -> list[tuple[str, str, str]]:
+    """(column, title, stage) of every loss an epoch row can hold: each stage's total, then
+    its terms, image stage first (what the report plots, one panel each)."""
+    columns = []
+    for stage in ("image", "prompt"):
+        columns.append((TOTAL_COLUMNS[stage], f"total ({stage} stage)", stage))
+        columns += [(term.column, term.title, stage) for term in stage_terms(stage)]
+    return columns
