@@ -98,8 +98,9 @@ def test_train_normalize_changes_training_inputs_not_the_test(data, cache_dir):
     correct = trainer(data, cache_dir)
     upstream = trainer(data, cache_dir, train_normalize=False)
     upstream.model.load_part_state(correct.model_state())
-    assert correct.validate() != upstream.validate()  # val inputs differ
-    assert correct.test()["mean"] == upstream.test()["mean"]  # test inputs normalised in both
+    assert correct.evaluator.validate() != upstream.evaluator.validate()  # val inputs differ
+    # test inputs are normalised in both
+    assert correct.evaluator.test()["mean"] == upstream.evaluator.test()["mean"]
 
 
 def test_sos_pooling_makes_every_identity_text_identical(data, cache_dir):
@@ -135,10 +136,10 @@ def test_centres_stay_at_init_without_update(data, cache_dir):
 
 def test_select_on_test_split0_selects_on_test_identities(data, cache_dir):
     t = trainer(data, cache_dir, select_on="test_split0")
-    selection = t.validate()
+    selection = t.evaluator.validate()
     t.config.select_on = "val"
-    assert selection != t.validate()
-    assert selection["rank1"] == pytest.approx(t.test()["per_split"][0]["rank1"])
+    assert selection != t.evaluator.validate()
+    assert selection["rank1"] == pytest.approx(t.evaluator.test()["per_split"][0]["rank1"])
 
 
 def test_shared_optimizer_serves_both_stages(data, cache_dir):

@@ -11,8 +11,8 @@ import torch
 from tune_clipfh.config import build_config
 from tune_clipfh.loss_table import stage_terms
 from tune_clipfh.train.optim import ParamGroup, ScheduleSpec, StageSchedule, build_optimizer
-from tune_clipfh.train.run import evaluate_run, load_torch, prepare_data, train_run
 from tune_clipfh.train.precision import Precision, autocast_dtype
+from tune_clipfh.train.run import evaluate_run, load_torch, prepare_data, train_run
 from tune_clipfh.train.stages import DeviceUnavailable, Trainer, pick_device
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,7 +63,7 @@ def test_short_run_beats_chance_and_the_untrained_model(data, cache_dir):
 def test_each_loss_flag_removes_exactly_its_term(data, cache_dir, term):
     flag, term = term.toggle, term.column
     on = trainer_for(data, cache_dir, loss_use_center=True).run()
-    off = trainer_for(data, cache_dir, loss_use_center=True, **{flag: False}).run()
+    off = trainer_for(data, cache_dir, **{"loss_use_center": True, flag: False}).run()
     image_on = [r for r in on.history if r["stage"] == "image"][0]
     image_off = [r for r in off.history if r["stage"] == "image"][0]
     assert term in image_on and term not in image_off
@@ -218,8 +218,8 @@ def test_limit_train_batches_caps_both_stages(data, cache_dir):
 def test_concat_eval_feature_joins_two_unit_halves(data, cache_dir):
     trainer = trainer_for(data, cache_dir, eval_feature="concat")
     rows = data.val_rows[:4]
-    raw = trainer.extract(rows, feature="concat") * math.sqrt(2)  # undo the final normalise
-    projected = trainer.extract(rows, feature="pre_bn")
+    raw = trainer.evaluator.extract(rows, feature="concat") * math.sqrt(2)  # undo the final normalise
+    projected = trainer.evaluator.extract(rows, feature="pre_bn")
     half = raw.shape[1] - projected.shape[1]
     assert torch.allclose(raw[:, :half].norm(dim=1), torch.ones(4), atol=1e-5)
     assert torch.allclose(raw[:, half:], projected, atol=1e-5)

@@ -192,7 +192,7 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = stderr_log,
     data = prepare_data(config, log=log, progress=progress)
     trainer = Trainer(config, data, log=log, progress=progress)
     trainer.model.load_part_state(checkpoint["model"])
-    return trainer.test()
+    return trainer.evaluator.test()
 
 
 def zero_shot_run(config: RunConfig, out_dir: Path | None = None, *,
@@ -206,7 +206,7 @@ def zero_shot_run(config: RunConfig, out_dir: Path | None = None, *,
     started = time.perf_counter()
     data = prepare_data(config, log=log, progress=progress)
     trainer = Trainer(config, data, log=log, progress=progress)
-    val, test = trainer.validate(), trainer.test()
+    val, test = trainer.evaluator.validate(), trainer.evaluator.test()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", config.to_yaml())

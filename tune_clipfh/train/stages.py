@@ -26,19 +26,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import RunConfig
+from ..data.loader import BatchLoader
 from ..data.prepared import PreparedData
 from ..data.sampler import PKSampler, RandomBatchSampler
-from ..data.store import Augment, augment, normalize
+from ..data.store import Augment
 from ..errors import UserError
-from ..evaluation import evaluate_splits, rank_metrics_from_features
 from ..loss_table import TOTAL_COLUMNS, LossInputs, weighted_terms
 from ..losses import rescale_center_grads
 from ..model.backbone import configure_visual_trainable
 from ..model.registry import backbone_spec
+from .evaluate import Evaluator
 from .optim import OptimizerFactory, StageOptimization, group_learning_rates
 from .parts import ReIDModel
 from .precision import Precision, autocast_dtype
@@ -125,6 +125,13 @@ class Trainer:
         self.model.to(self.device)
         if self.channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)
+        self.loader = BatchLoader(
+            data.store, data.train_rows, self.device,
+            Augment(hflip=config.aug_hflip, pad_crop=config.aug_pad_crop,
+                    random_erasing=config.aug_random_erasing),
+            normalize=config.train_normalize, channels_last=self.channels_last,
+            generator_seed=config.seed)
+        self.evaluator = Evaluator(config, data, self.model, self.loader, self.precision)
         self.optimizers = OptimizerFactory(config, self.model)
         self.sampler = self._make_sampler()
         self.batches_per_epoch = min(len(self.sampler), config.limit_train_batches or math.inf)
@@ -159,7 +166,7 @@ class Trainer:
         cfg = self.config
         try:
             if self.initial_val is None:
-                self.initial_val = self.validate()
+                self.initial_val = self.evaluator.validate()
                 self.log(f"[val] before training: Rank-1 {self.initial_val['rank1']:.4f} "
                          f"mAP {self.initial_val['mAP']:.4f}")
             if self.stage == "prompt":
@@ -177,7 +184,7 @@ class Trainer:
         test = None
         if self.status != "diverged":
             self.restore_best()
-            test = self.test()
+            test = self.evaluator.test()
         return TrainResult(status=self.status,
                            epochs_run=self._epochs_run(), best_epoch=self.best["epoch"],
                            best_val={"rank1": self.best["rank1"], "mAP": self.best["mAP"]},
@@ -266,8 +273,8 @@ class Trainer:
     def _cache_prompt_features(self) -> None:
         """Frozen image features, computed once for every prompt epoch."""
         self.model.backbone.eval()
-        self._prompt_features = self.extract(self.data.train_rows, feature="raw",
-                                             normalized=self.config.train_normalize)
+        self._prompt_features = self.evaluator.extract(
+            self.data.train_rows, feature="raw", normalized=self.config.train_normalize)
         self._prompt_labels = torch.as_tensor(self.data.train_labels, device=self.device)
 
     def _prompt_epoch(self, epoch: int, bar) -> dict[str, float]:
@@ -303,13 +310,8 @@ class Trainer:
         model.backbone.train()
         model.head.train()
         sums = _Sums()
-        generator = torch.Generator().manual_seed(cfg.seed * 7919 + self.iteration)
-        aug = Augment(hflip=cfg.aug_hflip, pad_crop=cfg.aug_pad_crop,
-                      random_erasing=cfg.aug_random_erasing)
-        for batch in self._epoch_batches():
-            images = augment(normalize(data.store.batch(data.train_rows[batch]),
-                                       cfg.train_normalize), aug, generator)
-            images = self._to_device(images)
+        batches = self.loader.epoch(self._epoch_batches(), seed=cfg.seed * 7919 + self.iteration)
+        for images, batch in batches:
             labels = torch.as_tensor(data.train_labels[batch], device=self.device)
             with self.precision.autocast():
                 features = model.backbone.encode_image(images)
@@ -331,7 +333,7 @@ class Trainer:
             bar.update(1)
         self.optim.schedule.after_epoch()
         metrics = sums.means()
-        val = self.validate()
+        val = self.evaluator.validate()
         improved = (val["rank1"], val["mAP"]) > (self.best["rank1"], self.best["mAP"])
         if improved:
             self.best.update(rank1=val["rank1"], mAP=val["mAP"], epoch=epoch,
@@ -359,12 +361,6 @@ class Trainer:
                 "best_val_rank1": best_r1, "best_val_mAP": best_map}
 
     # ------------------------------------------------------------------ shared steps
-    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
-
     def _check_finite(self, loss: torch.Tensor, stage: str, epoch: int) -> None:
         if self.fault == ("nan", stage, epoch):
             loss = loss * float("nan")
@@ -389,64 +385,6 @@ class Trainer:
             stepped.append(center_optimizer)
         self.precision.step(stepped)
         self.optim.schedule.after_batch()
-
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def extract(self, rows: np.ndarray, feature: str | None = None,
-                normalized: bool = True) -> torch.Tensor:
-        """L2-normalised features of store rows in eval mode: "raw", "pre_bn", "post_bn" or
-        "concat"; ``normalized=False`` feeds [0,1] pixels (upstream train/val inputs, B1)."""
-        feature = feature or self.config.eval_feature
-        model = self.model
-        was_training = model.backbone.training
-        model.backbone.eval()
-        model.head.eval()
-        outputs = []
-        batch_size = max(self.config.batch_size, 64)
-        for start in range(0, len(rows), batch_size):
-            batch = self.data.store.batch(rows[start:start + batch_size])
-            images = self._to_device(normalize(batch, normalized))
-            with self.precision.autocast():
-                f = model.embed(images, feature)
-                if self.config.eval_flip and feature != "raw":
-                    f = (f + model.embed(images.flip(-1), feature)) / 2
-            outputs.append(f.float())
-        model.backbone.train(was_training)
-        return F.normalize(torch.cat(outputs), dim=1)
-
-    def validate(self) -> dict[str, float]:
-        """Selection metrics: held-out training identities, or test split 1 (B11 switch)."""
-        data, cfg = self.data, self.config
-        if cfg.select_on == "test_split0":
-            rows, ids, split = data.test_rows, data.test_ids, data.test_splits[0]
-        else:
-            rows, ids, split = data.val_rows, data.val_ids, data.val_split
-        features = self.extract(rows, normalized=cfg.train_normalize).cpu()
-        result = rank_metrics_from_features(
-            features[split.query], features[split.gallery], ids[split.query],
-            ids[split.gallery], metric=cfg.eval_metric, ap=cfg.eval_ap)
-        return {k: float(result[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")}
-
-    def test(self) -> dict[str, Any]:
-        """The 10-split test: features of every test image extracted once, ranked per split."""
-        data, cfg = self.data, self.config
-        features = self.extract(data.test_rows).cpu()
-        metric = cfg.eval_metric
-        if cfg.eval_fusion == "sos_text":
-            features, metric = self._fuse_sos_text(features), "dot"
-        splits = [(s.query, s.gallery) for s in data.test_splits]
-        return evaluate_splits(features, data.test_ids, splits, metric=metric, ap=cfg.eval_ap)
-
-    @torch.no_grad()
-    def _fuse_sos_text(self, features: torch.Tensor) -> torch.Tensor:
-        """Upstream's test features (B12): (image + SOS text feature) / 2, not re-normalised.
-        The SOS output of the causal text transformer is the same for every identity."""
-        prompts = self.model.prompts
-        pool = prompts.pool
-        prompts.pool = "sos"
-        text = prompts(torch.zeros(1, dtype=torch.long, device=self.device)).float().cpu()
-        prompts.pool = pool
-        return (features + F.normalize(text, dim=1)) / 2
 
     # ------------------------------------------------------------------ state
     def restore_best(self) -> None:
