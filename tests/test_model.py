@@ -62,7 +62,8 @@ def test_tiny_backbone_builds_and_encodes(tiny):
 
 @pytest.mark.parametrize(("model", "arch", "embed_dim", "blocks"),
                          [("vitb16", "ViT-B-16", 512, 12), ("rn50", "RN50", 1024, 4),
-                          ("vitl14", "ViT-L-14", 768, 24)])
+                          pytest.param("vitl14", "ViT-L-14", 768, 24,
+                                       marks=pytest.mark.slow)])  # 428 M parameters
 def test_full_profile_builds_the_clip_architectures(model, arch, embed_dim, blocks):
     assert backbone_spec(model).architecture("full") == arch
     backbone = create_backbone(model, profile="full")

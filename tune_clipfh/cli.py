@@ -98,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train.run import evaluate_run, jsonable, result_lines, zero_shot_run
+    from .jsonable import jsonable
+    from .train.run import evaluate_run, result_lines, zero_shot_run
 
     zero_shot_call = args.zero_shot and args.config and not args.run
     run_call = not args.zero_shot and args.run and not args.config

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..jsonable import jsonable
+
 SCHEMA_VERSION = 1
 ALL_LINES = (1, 2, 3, 4, 5, 6, 7, 8)
 RAY_LINES = (2, 5, 6, 7)
@@ -466,18 +468,6 @@ def format_table(rows: list[Row]) -> str:
     lines.append("\nnotes:")
     lines += [f"  {r.key}: {r.note}" for r in rows if r.note]
     return "\n".join(lines)
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -26,12 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import RunConfig, build_config
 from ..data.prepared import PreparedData, identity_set_for, load_prepared, resolve_data_dir
 from ..evaluation import UPSTREAM_COLUMNS, upstream_table_row
+from ..jsonable import jsonable
 from ..model.registry import backbone_spec
 from .stages import EpochRecord, Trainer, TrainResult
 
@@ -74,21 +73,6 @@ def prepare_data(config: RunConfig, log: Callable[[str], None] = stderr_log,
     return load_prepared(data_dir, backbone_spec(config.model).input_size(config.profile),
                          cache_dir=config.cache_dir, progress=progress,
                          identity_set=identity_set_for(config.select_on))
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON values (NaN -> null) for metrics files."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def best_checkpoint(trainer: Trainer) -> dict[str, Any]:
