@@ -299,3 +299,12 @@ def test_zero_shot_evaluates_the_untrained_model_in_a_run_format(data, cache_dir
     # the same model before any training: the run's own starting point
     assert result["val"]["rank1"] == pytest.approx(trained.history[0]["val_rank1"])
     assert json.loads((tmp_path / "zs" / "summary.json").read_text())["zero_shot"] is True
+
+
+def test_a_backbone_added_through_the_registry_alone_trains(data, cache_dir):
+    """ViT-L/14 was added as one registry entry and one tiny config: it trains end to end."""
+    trainer = trainer_for(data, cache_dir, model="vitl14", unfreeze_blocks=24,
+                          limit_train_batches=1)
+    assert len(trainer.model.backbone.visual_blocks) == 24
+    result = trainer.run()
+    assert result.status == "completed" and len(result.test["per_split"]) == 10
