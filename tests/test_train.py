@@ -301,6 +301,7 @@ def test_zero_shot_evaluates_the_untrained_model_in_a_run_format(data, cache_dir
     assert json.loads((tmp_path / "zs" / "summary.json").read_text())["zero_shot"] is True
 
 
+@pytest.mark.slow  # 24 blocks: about 40 s on 2 cores
 def test_a_backbone_added_through_the_registry_alone_trains(data, cache_dir):
     """ViT-L/14 was added as one registry entry and one tiny config: it trains end to end."""
     trainer = trainer_for(data, cache_dir, model="vitl14", unfreeze_blocks=24,
