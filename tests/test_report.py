@@ -22,10 +22,12 @@ import pandas as pd
 import pytest
 
 from tune_clipfh.cli import main
+from tune_clipfh.errors import UserError
 from tune_clipfh.evaluation import UPSTREAM_COLUMNS
 from tune_clipfh.report import REFERENCE_CSV, build_report, figures, tables
 from tune_clipfh.report.data import (
     load_experiment,
+    load_zero_shot,
     param_importances,
     protocol_check,
     trial_notes,
@@ -238,6 +240,8 @@ def test_a_full_profile_real_11k_experiment_is_compared_with_the_thesis(experime
     versus = pd.read_csv(tmp_path / "out" / "versus_thesis.csv")
     assert list(versus["thesis_rank1"]) == [62.11, 74.07]
     assert list(versus["thesis_mAP"]) == [71.34, 81.93]
+    # the thesis's zero-shot CLIP is drawn beside it: what fine-tuning has to beat
+    assert "zero-shot CLIP, thesis (vitb16)" in page
 
 
 def test_missing_and_partial_experiments_give_a_report_that_says_so(experiments, tmp_path):
@@ -369,3 +373,24 @@ def test_loss_figure_has_one_panel_per_logged_loss_of_the_table(monkeypatch):
     titles = [a.text for a in fig.layout.annotations]
     assert len(columns) > 6 and titles == [title for _, title, _ in figures.loss_columns()]
     assert "extra 2" in titles and "SupCon text-to-image" in titles
+
+
+def test_zero_shot_evaluations_are_reference_points_in_figures_1_and_2(experiments, loaded,
+                                                                       tmp_path):
+    folder = tmp_path / "zs"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("model: vitb16\nprofile: tiny\n")
+    (folder / "summary.json").write_text(json.dumps({
+        "zero_shot": True, "test_mean": {"rank1": 0.2, "mAP": 0.35},
+        "test_std": {"rank1": 0.01, "mAP": 0.02}}))
+    zero_shot = load_zero_shot(folder)
+    assert (zero_shot["rank1"], zero_shot["mAP"]) == pytest.approx((20.0, 35.0))
+    configs = loaded[3]
+    pareto = figures.pareto_figure(configs, zero_shots=[zero_shot])
+    assert zero_shot["label"] in [trace.name for trace in pareto.data]
+    versus = figures.versus_figure(tables.versus_reference(configs, None), False, [zero_shot])
+    assert sorted(shape.y0 for shape in versus.layout.shapes) == pytest.approx([20.0, 35.0])
+    page = build_report(experiments, tmp_path / "out", zero_shot_dirs=[folder]).read_text()
+    assert zero_shot["label"] in page
+    with pytest.raises(UserError, match="not a zero-shot evaluation folder"):
+        load_zero_shot(tmp_path / "out")

@@ -204,7 +204,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / f"report-{time.strftime('%Y%m%d-%H%M%S')}"
     path = build_report(args.experiments, out, reference_csv=args.reference,
-                        log=lambda line: print(line, file=sys.stderr))
+                        log=lambda line: print(line, file=sys.stderr),
+                        zero_shot_dirs=args.zero_shot)
     print(f"report: {path}")
     return 0
 
@@ -430,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="report folder (default: runs/report-time)")
     report.add_argument("--reference", metavar="CSV", help="the thesis's per-version table "
                         "(default: analysis/thesis_clipfh_11k_dorsal_r_eval.csv)")
+    report.add_argument("--zero-shot", action="append", default=[], metavar="DIR",
+                        help="a zero-shot evaluation (eval --zero-shot --out DIR), drawn as a "
+                        "reference in figures 1 and 2; repeatable")
     report.set_defaults(func=cmd_report)
 
     demo = verbs.add_parser("demo", help="train, reproduce v1-v10 and search on the embedded "

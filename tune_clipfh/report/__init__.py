@@ -28,7 +28,7 @@ import pandas as pd
 
 from ..resources import resource_path
 from . import figures, tables
-from .data import Experiment, load_experiment, param_importances
+from .data import Experiment, load_experiment, load_zero_shot, param_importances
 from .page import Panel, Section, frame_table, render_page
 
 REFERENCE_CSV = resource_path("analysis", "thesis_clipfh_11k_dorsal_r_eval.csv")
@@ -41,8 +41,12 @@ __all__ = ["REFERENCE_CSV", "build_report"]
 
 def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
                  reference_csv: str | Path | None = None,
-                 log: Callable[[str], None] | None = None) -> Path:
-    """Write ``<out_dir>/report.html`` and its CSV tables; return the page's path."""
+                 log: Callable[[str], None] | None = None,
+                 zero_shot_dirs: Iterable[str | Path] = ()) -> Path:
+    """Write ``<out_dir>/report.html`` and its CSV tables; return the page's path.
+
+    ``zero_shot_dirs``: zero-shot evaluations (``eval --zero-shot --out``) drawn as reference
+    points in figures 1 and 2, beside the thesis's zero-shot CLIP when the protocol matches."""
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     experiments = [load_experiment(path) for path in experiment_dirs]
@@ -58,6 +62,9 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
     if not comparable and protocol_note:
         notes.append(f"The thesis's numbers are not shown: {protocol_note}")
 
+    zero_shots = [load_zero_shot(path) for path in zero_shot_dirs]
+    if comparable and reference is not None:
+        zero_shots += _thesis_zero_shots(reference_csv)
     configs = tables.configurations(trials) if not trials.empty else \
         tables.configurations(pd.DataFrame())
     comparison = tables.versus_reference(configs, reference)
@@ -66,11 +73,11 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
         if not comparable and protocol_note else []
     sections = [
         Section("Rank-1 against mAP (test)", [Panel(
-            figures.pareto_figure(configs, reference, comparable, protocol_note),
+            figures.pareto_figure(configs, reference, comparable, protocol_note, zero_shots),
             caption=figures.CAPTIONS["pareto"], notes=protocol,
             missing="no trial has test metrics yet.")]),
         Section("Ours against the thesis, per version and backbone", [Panel(
-            figures.versus_figure(comparison, comparable),
+            figures.versus_figure(comparison, comparable, zero_shots),
             caption=figures.CAPTIONS["versus"], notes=protocol,
             missing="no fixed trial (v1-v10) with test metrics: read a reproduce experiment.")]),
         Section("Learning curves and loss breakdown", [
@@ -148,6 +155,14 @@ def _reference(path: str | Path | None) -> tuple[pd.DataFrame | None, str]:
         return tables.load_reference(path), ""
     except (OSError, ValueError, KeyError) as exc:
         return None, f"Reference table {path} could not be read ({exc}); thesis not shown."
+
+
+def _thesis_zero_shots(path: str | Path | None) -> list[dict]:
+    """The thesis's zero-shot CLIP (frozen, image features; spec 4.3) per backbone."""
+    rows = tables.load_reference(Path(path) if path else REFERENCE_CSV, stage="stage0")
+    return [{"label": f"zero-shot CLIP, thesis ({row.backbone})", "backbone": row.backbone,
+             "rank1": row.rank1, "mAP": row.mAP, "rank1_std": row.rank1_std,
+             "mAP_std": row.mAP_std} for row in rows.itertuples()]
 
 
 def _comparability(experiments: list[Experiment],

@@ -24,6 +24,7 @@ from typing import Any
 
 import optuna
 import pandas as pd
+import yaml
 from optuna.importance import (
     FanovaImportanceEvaluator,
     PedAnovaImportanceEvaluator,
@@ -31,6 +32,7 @@ from optuna.importance import (
 )
 from ray.tune import ExperimentAnalysis
 
+from ..errors import UserError
 from ..loss_table import loss_columns
 from ..tune.results import experiment_meta, load_results
 
@@ -61,6 +63,26 @@ class Experiment:
     protocol_note: str = ""
     notes: list[str] = field(default_factory=list)
     study: Any = None  # optuna.Study for search experiments
+
+
+def load_zero_shot(path: str | Path) -> dict[str, Any]:
+    """A zero-shot evaluation folder (``tune-clipfh eval --zero-shot --out DIR``) as one
+    reference: label, backbone and test Rank-1 / mAP with their split std (percent)."""
+    path = Path(path).expanduser()
+    try:
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"--zero-shot {path}: not a zero-shot evaluation folder ({exc}); make "
+                        f"one with tune-clipfh eval --config FILE --zero-shot --out DIR") from None
+    if not summary.get("zero_shot"):
+        raise UserError(f"--zero-shot {path}: summary.json is not a zero-shot evaluation's "
+                        f"(make one with tune-clipfh eval --config FILE --zero-shot --out DIR)")
+    mean, std = summary["test_mean"], summary["test_std"]
+    return {"label": f"zero-shot, ours ({config.get('model')}, {config.get('profile')})",
+            "backbone": config.get("model"), "rank1": 100 * mean["rank1"],
+            "mAP": 100 * mean["mAP"], "rank1_std": 100 * std["rank1"],
+            "mAP_std": 100 * std["mAP"]}
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -32,6 +32,7 @@ SEARCH_COLOUR = "#2ca02c"
 THESIS_COLOUR = "#7f7f7f"
 MAX_PARALLEL_DIMENSIONS = 30
 LOSS_GRID_COLUMNS = 3
+ZERO_SHOT_COLOURS = ("#8c564b", "#e377c2")  # ours, the thesis's
 CAPTIONS = {
     "pareto": "Each point is one configuration's test Rank-1 against its test mAP (mean over "
               "the test splits and seeds, bars one standard deviation); points further up and "
@@ -78,9 +79,11 @@ def _colour(index: int) -> str:
 
 
 def pareto_figure(configs: pd.DataFrame, reference: pd.DataFrame | None = None,
-                  comparable: bool = False, note: str = "") -> go.Figure | None:
+                  comparable: bool = False, note: str = "",
+                  zero_shots: list[dict] = ()) -> go.Figure | None:
     """Test Rank-1 vs mAP per configuration; fixed versions labelled, search trials as
-    diamonds, our Pareto front, and the thesis as a third series when ``comparable``."""
+    diamonds, our Pareto front, the thesis as a third series when ``comparable``, and each
+    zero-shot reference as a cross with a dotted Rank-1 line."""
     tested = configs.dropna(subset=["rank1", "mAP"]) if not configs.empty else configs
     if tested.empty:
         return None
@@ -124,6 +127,16 @@ def pareto_figure(configs: pd.DataFrame, reference: pd.DataFrame | None = None,
                            for r in group.itertuples()], hoverinfo="text"))
     elif note:
         _note(fig, "Thesis numbers not shown: the protocol differs (see the note above).")
+    for index, ref in enumerate(zero_shots):
+        fig.add_trace(go.Scatter(
+            x=[ref["mAP"]], y=[ref["rank1"]], mode="markers", name=ref["label"],
+            marker={"symbol": "x", "size": 12, "color": ZERO_SHOT_COLOURS[index % 2]},
+            error_x=_errors(pd.Series([ref["mAP_std"]])),
+            error_y=_errors(pd.Series([ref["rank1_std"]])),
+            hovertext=[f"{ref['label']}: Rank-1 {ref['rank1']:.2f} %, mAP {ref['mAP']:.2f} % "
+                       f"(no training)"], hoverinfo="text"))
+        fig.add_hline(y=ref["rank1"], line={"dash": "dot", "width": 1,
+                                            "color": ZERO_SHOT_COLOURS[index % 2]})
     fig.update_xaxes(title_text="test mAP (%), mean over splits and seeds")
     fig.update_yaxes(title_text="test Rank-1 (%), mean over splits and seeds")
     return _layout(fig, "Rank-1 against mAP on the test splits, with the Pareto front", 560)
@@ -158,7 +171,8 @@ def _note(fig: go.Figure, text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def versus_figure(comparison: pd.DataFrame, comparable: bool) -> go.Figure | None:
+def versus_figure(comparison: pd.DataFrame, comparable: bool,
+                  zero_shots: list[dict] = ()) -> go.Figure | None:
     """Grouped bars: ours and (when ``comparable``) the thesis, Rank-1 and mAP side by side;
     the title says when the thesis is left out (the page's note says why)."""
     rows = comparison.dropna(subset=["ours_rank1"]) if not comparison.empty else comparison
@@ -178,6 +192,12 @@ def versus_figure(comparison: pd.DataFrame, comparable: bool) -> go.Figure | Non
                 marker_color=THESIS_COLOUR, error_y=_errors(rows[f"thesis_{metric}_std"]),
                 legendgroup="thesis", showlegend=col == 1,
                 hovertemplate="%{x}: %{y:.2f} %<extra>thesis</extra>"), row=1, col=col)
+        for index, ref in enumerate(zero_shots):  # what training has to beat
+            fig.add_hline(y=ref[metric], row=1, col=col,
+                          line={"dash": "dot", "width": 1.5,
+                                "color": ZERO_SHOT_COLOURS[index % 2]},
+                          annotation_text=ref["label"] if col == 1 else None,
+                          annotation_position="top left")
     fig.update_layout(barmode="group")
     fig.update_xaxes(title_text="version and backbone")
     fig.update_yaxes(title_text="test Rank-1 (%)", row=1, col=1)
