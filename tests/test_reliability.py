@@ -348,7 +348,12 @@ CASES = [
         "- lr\n- seed\n", "expected a mapping of key: value at the top level, got list")),
     Case("config-tiny-with-openai", _config_case(
         {"profile": "tiny", "pretrained": "openai"},
-        "key 'pretrained': the tiny profile has no pretrained weights (valid: none)")),
+        "key 'pretrained': openai weights exist only for the full profile (valid in the tiny "
+        "profile: synthetic, none or a weights file path)")),
+    Case("config-full-with-synthetic", _config_case(
+        {"profile": "full", "pretrained": "synthetic"},
+        "key 'pretrained': synthetic weights exist only for the tiny profile (valid in the full "
+        "profile: openai, none or a weights file path)")),
     Case("set-unknown-key", _unknown_set_key),
     Case("set-out-of-range", _search_set_out_of_range),
     # --- model weights ---

@@ -181,7 +181,8 @@ class RunConfig:
         "full", "full: real architectures at 224 px; tiny: small random-init configs at 64 px",
         group="model")
     pretrained: str = knob(
-        "auto", "openai | none | path to a local weights file (auto: openai for full, "
+        "auto", "openai (full) | synthetic (tiny: pretrained on synthetic captioned hands, "
+        "built on first use) | none | path to a local weights file (auto: openai for full, "
         "none for tiny)", group="model")
     id_head: Literal["linear", "arcface"] | None = knob(
         None, "ID head after the BNNeck (default linear, or arcface via use_arcface)",
@@ -592,8 +593,12 @@ def _check_consistency(c: RunConfig, source: str, given: dict[str, Any]) -> None
     for template in c.prompt_template_list or []:
         if template.count(CTX_PLACEHOLDER) != 1:
             fail("prompt_template_list", f"{template!r} must contain {CTX_PLACEHOLDER} once")
-    if c.profile == "tiny" and c.resolved_pretrained == "openai":
-        fail("pretrained", "the tiny profile has no pretrained weights (valid: none)")
+    # each profile has its own named weights; a file path works in both
+    named = {"full": "openai", "tiny": "synthetic"}
+    for profile, name in named.items():
+        if c.profile != profile and c.resolved_pretrained == name:
+            fail("pretrained", f"{name} weights exist only for the {profile} profile (valid in "
+                 f"the {c.profile} profile: {named[c.profile]}, none or a weights file path)")
     if c.schedule_mode != "per_stage" and not c.shared_optimizer_across_stages:
         fail("schedule_mode", f"{c.schedule_mode} replays upstream schedulers on one shared "
              f"optimizer: set shared_optimizer_across_stages: true (or schedule_mode: per_stage)")
