@@ -165,7 +165,8 @@ def test_group_rates_fall_back_to_lr():
       "loss_use_i2t": False}, "every image-stage loss is off"),
     ({"prompt_template": "a hand"}, "key 'prompt_template': 'a hand' must contain"),
     ({"use_arcface": True, "loss_use_arcface": False}, "contradicts"),
-    ({"profile": "tiny", "pretrained": "openai"}, "key 'pretrained': the tiny profile has no"),
+    ({"profile": "tiny", "pretrained": "openai"},
+     "key 'pretrained': openai weights exist only for the full profile"),
 ])
 def test_bad_values_give_one_line_errors_naming_the_key(values, message):
     with pytest.raises(ConfigError) as info:
