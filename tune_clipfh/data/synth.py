@@ -22,6 +22,13 @@ Design, so that retrieval is learnable but not trivial:
   two usable images per aspect.
 * Everything is drawn from ``numpy.random.default_rng`` streams derived from
   ``seed``: the same seed gives byte-identical files.
+* ``namespace`` separates corpora: evaluation datasets use namespace 0; namespace
+  ``n > 0`` (the pretraining corpus, :mod:`tune_clipfh.model.pretrain`) draws from
+  its own streams and numbers its ids from ``n * NAMESPACE_SPAN`` (8+ digits), so
+  its identities share neither ids nor appearance with any evaluation dataset.
+* `render` draws the images in memory with what was drawn in each
+  (`HandAttributes`: tone, nails, ring finger and colour, moles, bracelet, rotation);
+  `synthesize` writes them as JPEGs.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +56,12 @@ SKIN_TONES = {
 }
 RING_COLOURS = ((212, 175, 55), (192, 192, 200), (180, 40, 40), (40, 90, 170), (30, 30, 30),
                 (40, 140, 80))
+RING_COLOUR_NAMES = ("gold", "silver", "red", "blue", "black", "green")  # RING_COLOURS order
+FINGER_NAMES = ("thumb", "index", "middle", "ring", "little")  # _Identity.fingers order
+GENERATOR_VERSION = 1
+"""Bump whenever the same arguments would draw different images or rows (caches key on it)."""
+NAMESPACE_SPAN = 10**7
+"""Ids of namespace n start at n * NAMESPACE_SPAN; namespace 0 (evaluation) stays below it."""
 ID_RANGE = 2100
 ACCESSORY_RATE = 0.1
 JPEG_QUALITY = 90
@@ -87,34 +101,18 @@ def synthesize(
     seed: int = 0,
     image_size: tuple[int, int] = (160, 120),
     progress: bool = True,
+    namespace: int = 0,
 ) -> Path:
     """Write a synthetic 11k-like dataset to ``out_dir``; return ``out_dir``."""
-    if identities < 1 or images_per_identity < 1 or min(image_size) < 8:
-        raise DataError(
-            "synthesize needs identities >= 1, images_per_identity >= 1 and an image_size of"
-            f" at least 8x8; got {identities}, {images_per_identity}, {image_size}"
-        )
+    _check_arguments(identities, images_per_identity, image_size, namespace)
     out = Path(out_dir)
     hands = out / "Hands"
     hands.mkdir(parents=True, exist_ok=True)
-    lighting = _Lighting(seed, *image_size)
     rows = []
-    for index in range(identities):
-        person = _make_identity(seed, index, identities)
-        for aspect_index, aspect in enumerate(ASPECTS_OF_HAND):
-            shapes = _hand_shapes(person, aspect)
-            # Left hands mirror right ones; seen from the palm they mirror again.
-            mirror = ("left" in aspect) != ("palmar" in aspect)
-            for image_index in range(images_per_identity):
-                rng = np.random.default_rng([seed, index, aspect_index, image_index])
-                accessories = int(
-                    image_index >= 2 and rng.random() < _accessory_chance(images_per_identity)
-                )
-                extra = [_bracelet(person, rng)] if accessories else []
-                name = f"Hand_{len(rows) + 1:07d}.jpg"
-                image = _draw_image(shapes + extra, rng, lighting, mirror, person.size)
-                image.save(hands / name, quality=JPEG_QUALITY)
-                rows.append(_csv_row(person, aspect, name, accessories))
+    for drawn in render(identities, images_per_identity, seed, image_size, namespace=namespace):
+        name = f"Hand_{len(rows) + 1:07d}.jpg"
+        drawn.image.save(hands / name, quality=JPEG_QUALITY)
+        rows.append(_csv_row(drawn.attributes, name))
     with (out / "HandInfo.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(COLUMNS)
@@ -126,10 +124,89 @@ def synthesize(
     return out
 
 
-def _csv_row(person: _Identity, aspect: str, image_name: str, accessories: int) -> tuple:
+@dataclass
+class HandAttributes:
+    """What was drawn in one image: its 11k columns plus what a caption can name."""
+
+    id: str
+    age: int
+    gender: str
+    tone: str  # a SKIN_TONES key
+    accessories: int  # 1: a bracelet is drawn
+    nail_polish: int
+    aspect: str  # an ASPECTS_OF_HAND value
+    ring_finger: str  # a FINGER_NAMES value
+    ring_colour: str  # a RING_COLOUR_NAMES value
+    moles: int  # moles drawn on this aspect
+    rotation: float  # degrees, positive: clockwise on screen
+
+
+@dataclass
+class HandImage:
+    image: Image.Image  # RGB, image_size, not JPEG-compressed
+    attributes: HandAttributes
+
+
+def render(
+    identities: int,
+    images_per_identity: int,
+    seed: int = 0,
+    image_size: tuple[int, int] = (160, 120),
+    aspects: Iterable[str] = ASPECTS_OF_HAND,
+    namespace: int = 0,
+) -> Iterator[HandImage]:
+    """Draw the images in memory, identity by identity, then aspect, then image (the file
+    order of `synthesize`). ``aspects`` picks some aspects; each image is drawn from its own
+    streams, so they are the same as in the whole."""
+    _check_arguments(identities, images_per_identity, image_size, namespace)
+    lighting = _Lighting(_stream_key(namespace, seed), *image_size)
+    wanted = set(aspects)
+    for index in range(identities):
+        person = _make_identity(seed, index, identities, namespace)
+        for aspect_index, aspect in enumerate(ASPECTS_OF_HAND):
+            if aspect not in wanted:
+                continue
+            shapes = _hand_shapes(person, aspect)
+            # Left hands mirror right ones; seen from the palm they mirror again.
+            mirror = ("left" in aspect) != ("palmar" in aspect)
+            for image_index in range(images_per_identity):
+                rng = np.random.default_rng(
+                    _stream_key(namespace, seed, index, aspect_index, image_index))
+                accessories = int(
+                    image_index >= 2 and rng.random() < _accessory_chance(images_per_identity)
+                )
+                extra = [_bracelet(person, rng)] if accessories else []
+                image, view = _draw_image(shapes + extra, rng, lighting, mirror, person.size)
+                finger, _, colour = person.ring
+                yield HandImage(image, HandAttributes(
+                    id=person.id, age=person.age, gender=person.gender, tone=person.tone,
+                    accessories=accessories, nail_polish=person.nail_polish, aspect=aspect,
+                    ring_finger=FINGER_NAMES[finger],
+                    ring_colour=RING_COLOUR_NAMES[RING_COLOURS.index(colour)],
+                    moles=len(person.moles[aspect]), rotation=math.degrees(view.angle)))
+
+
+def _check_arguments(identities: int, images_per_identity: int, image_size: tuple[int, int],
+                     namespace: int) -> None:
+    if identities < 1 or images_per_identity < 1 or min(image_size) < 8:
+        raise DataError(
+            "synthesize needs identities >= 1, images_per_identity >= 1 and an image_size of"
+            f" at least 8x8; got {identities}, {images_per_identity}, {image_size}"
+        )
+    if namespace < 0 or identities > NAMESPACE_SPAN:
+        raise DataError(f"synthesize needs a namespace >= 0 and at most {NAMESPACE_SPAN} "
+                        f"identities; got namespace {namespace}, {identities} identities")
+
+
+def _stream_key(namespace: int, *key: int) -> list[int]:
+    """Seed of one numpy stream: namespace 0 keeps the historic keys (same files as before)."""
+    return list(key) if namespace == 0 else [namespace, *key]
+
+
+def _csv_row(drawn: HandAttributes, image_name: str) -> tuple:
     irregularities = 0
-    return (person.id, person.age, person.gender, person.tone, accessories,
-            person.nail_polish, aspect, image_name, irregularities)  # COLUMNS order
+    return (drawn.id, drawn.age, drawn.gender, drawn.tone, drawn.accessories,
+            drawn.nail_polish, drawn.aspect, image_name, irregularities)  # COLUMNS order
 
 
 def _accessory_chance(images_per_identity: int) -> float:
@@ -138,12 +215,12 @@ def _accessory_chance(images_per_identity: int) -> float:
     return min(1.0, ACCESSORY_RATE * images_per_identity / eligible) if eligible > 0 else 0.0
 
 
-def _make_identity(seed: int, index: int, count: int) -> _Identity:
-    rng = np.random.default_rng([seed, index])
+def _make_identity(seed: int, index: int, count: int, namespace: int = 0) -> _Identity:
+    rng = np.random.default_rng(_stream_key(namespace, seed, index))
     tone = str(rng.choice(list(SKIN_TONES)))
     palm_w, palm_h = rng.uniform(0.34, 0.44), rng.uniform(0.36, 0.46)
     return _Identity(
-        id=f"{index * max(1, ID_RANGE // count):07d}",
+        id=f"{namespace * NAMESPACE_SPAN + index * max(1, ID_RANGE // count):07d}",
         age=int(rng.integers(18, 76)),
         gender=str(rng.choice(["male", "female"])),
         tone=tone,
@@ -207,7 +284,7 @@ def _draw_image(
     lighting: _Lighting,
     mirror: bool,
     hand_size: float,
-) -> Image.Image:
+) -> tuple[Image.Image, _View]:
     width, height = lighting.width, lighting.height
     image = _background(rng, width, height)
     view = _View(
@@ -217,7 +294,7 @@ def _draw_image(
         centre=np.array([width, height]) * (0.5 + rng.uniform(-0.06, 0.06, 2)),
     )
     _draw_shapes(ImageDraw.Draw(image), view, shapes)
-    return lighting(image, rng)
+    return lighting(image, rng), view
 
 
 def _draw_shapes(draw: ImageDraw.ImageDraw, view: _View, shapes: list[_Shape]) -> None:
@@ -250,8 +327,8 @@ class _Lighting:
     noise level, stored as ``128 + sigma * z``.
     """
 
-    def __init__(self, seed: int, width: int, height: int):
-        rng = np.random.default_rng([seed, NOISE_STREAM])
+    def __init__(self, key: list[int], width: int, height: int):
+        rng = np.random.default_rng([*key, NOISE_STREAM])
         normal = rng.standard_normal((2 * height, 2 * width, 3))
         self.fields = [
             Image.fromarray(np.clip(normal * sigma + 128, 0, 255).round().astype(np.uint8))

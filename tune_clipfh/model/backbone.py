@@ -139,7 +139,9 @@ def create_backbone(model: str, profile: str = "full", pretrained: str = "none",
     """Build a frozen backbone.
 
     ``pretrained``: ``none`` (random init), ``openai`` (full profile only; taken from the local
-    open_clip / Hugging Face cache, downloaded only when the hub is reachable) or the path of a
+    open_clip / Hugging Face cache, downloaded only when the hub is reachable), ``synthetic``
+    (tiny profile only; contrastive pretraining on synthetic captioned hands, built under the
+    tune-clipfh cache ``cache_dir`` on first use, see :mod:`.pretrain`) or the path of a
     weights file that open_clip loads (a state dict, a checkpoint with a ``state_dict`` key, or
     an OpenAI TorchScript ``.pt``).
     """
@@ -150,13 +152,20 @@ def create_backbone(model: str, profile: str = "full", pretrained: str = "none",
     elif pretrained == "openai":
         if profile == "tiny":
             raise ModelLoadError("pretrained: openai exists only for the full profile; the tiny "
-                                 "profile takes none or a path to a weights file")
+                                 "profile takes synthetic, none or a path to a weights file")
         weights = _openai_weights_file(arch, cache_dir)
+    elif pretrained == "synthetic":
+        if profile != "tiny":
+            raise ModelLoadError("pretrained: synthetic exists only for the tiny profile; the "
+                                 "full profile takes openai, none or a path to a weights file")
+        from .pretrain import synthetic_weights  # it imports this module
+
+        weights = synthetic_weights(model, cache_dir)
     else:
         weights = Path(pretrained).expanduser().resolve()
         if not weights.is_file():
             raise ModelLoadError(f"pretrained: weights file {weights} does not exist (valid: "
-                                 f"openai, none or the path of a weights file)")
+                                 f"openai, synthetic, none or the path of a weights file)")
     clip = _create_clip(arch, weights)
     clip.requires_grad_(False)
     return ClipBackbone(clip, spec, profile)

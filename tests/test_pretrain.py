@@ -1,0 +1,236 @@
+"""Tests of synthetic contrastive pretraining: captions, the corpus namespace, the loss, the
+loop's determinism, the cache, ``pretrained: synthetic`` and the ``pretrain`` verb.
+
+Every pretraining here uses a recipe of a few identities and steps (seconds); the real
+3-minute builds never run in the test suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from tune_clipfh.cli import main
+from tune_clipfh.data.captions import CAPTION_FIELDS, caption
+from tune_clipfh.data.errors import DataError
+from tune_clipfh.data.prepared import SYNTHETIC_DEFAULT
+from tune_clipfh.data.synth import (
+    ASPECTS_OF_HAND,
+    FINGER_NAMES,
+    NAMESPACE_SPAN,
+    RING_COLOUR_NAMES,
+    SKIN_TONES,
+    HandAttributes,
+    render,
+)
+from tune_clipfh.model import pretrain as pretrain_module
+from tune_clipfh.model.backbone import ModelLoadError, create_backbone
+from tune_clipfh.model.pretrain import (
+    RECIPES,
+    Recipe,
+    batch_order,
+    build_corpus,
+    cache_key,
+    contrastive_loss,
+    create_model,
+    pretrain,
+    train_contrastive,
+    weights_path,
+)
+
+TINY = Recipe(identities=6, images_per_identity=2, steps=2, batch_size=8, warmup_steps=1)
+"""A recipe of seconds, for everything but the loss-lowering test."""
+
+
+def attributes(**changes) -> HandAttributes:
+    base = HandAttributes(id="10000000", age=30, gender="female", tone="fair", accessories=0,
+                          nail_polish=0, aspect="dorsal right", ring_finger="index",
+                          ring_colour="gold", moles=3, rotation=0.0)
+    return dataclasses.replace(base, **changes)
+
+
+# ------------------------------------------------------------------ captions
+def test_captions_name_what_was_drawn():
+    drawn = attributes(tone="very fair", ring_finger="little", ring_colour="blue", nail_polish=1,
+                       accessories=1, rotation=-9.0)
+    assert caption(drawn) == ("the back of a very fair right hand, a blue ring on the little "
+                              "finger, red nails")
+    assert caption(drawn, CAPTION_FIELDS[:6]) == caption(drawn) + ", a bracelet, tilted up"
+    assert caption(attributes(rotation=9.0), ("tilt",)) == "a hand, tilted down"
+    assert caption(attributes(rotation=2.0), ("tilt",)) == "a hand, level"
+    palm = caption(attributes(aspect="palmar left", nail_polish=1))
+    assert palm.startswith("the palm of a fair left hand") and "nails" not in palm
+    # the default says only what every image of the hand shares
+    assert caption(attributes(accessories=1, rotation=9.0, moles=4)) == caption(attributes())
+    assert caption(attributes(), ("tone", "marks")) == "a fair hand, three moles"
+    with pytest.raises(ValueError, match="sleeve"):
+        caption(attributes(), ("tone", "sleeve"))
+
+
+def test_captions_of_rendered_images_follow_their_attributes():
+    for hand in render(4, 3, seed=0, namespace=1, aspects=("dorsal right", "palmar left")):
+        drawn, text = hand.attributes, caption(hand.attributes, CAPTION_FIELDS)
+        assert drawn.tone in text and f"{drawn.ring_colour} ring on the {drawn.ring_finger}" in text
+        assert ("bracelet" in text) == bool(drawn.accessories)
+        assert drawn.aspect.split()[1] in text
+
+
+def test_every_caption_fits_the_tiny_text_context():
+    from open_clip.tokenizer import _tokenizer
+
+    context = open_clip.get_model_config("tiny-rn")["text_cfg"]["context_length"]
+    longest = [caption(attributes(tone=tone, aspect=aspect, ring_colour=colour, ring_finger=finger,
+                                  nail_polish=1, accessories=1, rotation=-10.0, moles=4),
+                       CAPTION_FIELDS)
+               for tone, aspect, colour, finger in itertools.product(
+                   SKIN_TONES, ASPECTS_OF_HAND, RING_COLOUR_NAMES, FINGER_NAMES[1:])]
+    # start and end-of-text tokens around the caption's own: nothing is truncated
+    assert max(len(_tokenizer.encode(text)) + 2 for text in longest) <= context
+
+
+# ------------------------------------------------------------------ corpus
+def test_corpus_identities_are_disjoint_from_evaluation_datasets():
+    def ids(count, namespace, seed=0):
+        return {h.attributes.id for h in render(count, 1, seed=seed, namespace=namespace,
+                                                aspects=("dorsal right",))}
+
+    corpus = ids(50, TINY.namespace)
+    default = ids(SYNTHETIC_DEFAULT["identities"], 0, SYNTHETIC_DEFAULT["seed"])
+    assert corpus.isdisjoint(default)
+    # structurally: namespace 0 ids stay below the span, which namespace n >= 1 starts from
+    assert all(int(i) >= NAMESPACE_SPAN for i in corpus)
+    assert all(int(i) < NAMESPACE_SPAN for i in default)
+    with pytest.raises(DataError, match="at most"):
+        next(render(NAMESPACE_SPAN + 1, 1))
+    # other random streams too: same seed and identity number, another hand
+    first = [np.asarray(next(iter(render(1, 1, seed=0, namespace=ns))).image) for ns in (0, 1)]
+    assert not np.array_equal(*first)
+    with pytest.raises(ValueError, match="namespace"):
+        Recipe(namespace=0)
+    with pytest.raises(ValueError, match="sleeve"):
+        Recipe(caption_fields=("tone", "sleeve"))
+    assert all(recipe.namespace >= 1 for recipe in RECIPES.values())
+
+
+def test_the_corpus_matches_the_stored_pixels_and_is_deterministic():
+    corpus = build_corpus(TINY, seed=3, image_size=64)
+    again = build_corpus(TINY, seed=3, image_size=64)
+    assert corpus.pixels.shape == (12, 3, 64, 64) and corpus.pixels.dtype == torch.uint8
+    assert torch.equal(corpus.pixels, again.pixels) and corpus.captions == again.captions
+    assert torch.equal(corpus.caption_index, again.caption_index)
+    assert len(set(corpus.identities)) == TINY.identities
+    other = build_corpus(TINY, seed=4, image_size=64)
+    assert not torch.equal(corpus.pixels, other.pixels)
+
+
+def test_batch_order_is_seeded_and_batches_hold_distinct_images():
+    first = [b.tolist() for b in batch_order(10, 4, 6, seed=1)]
+    assert first == [b.tolist() for b in batch_order(10, 4, 6, seed=1)]
+    assert first != [b.tolist() for b in batch_order(10, 4, 6, seed=2)]
+    assert all(len(set(b)) == 4 for b in first)
+    assert sorted(first[0] + first[1]) == sorted(set(first[0] + first[1]))  # one pass: no repeat
+
+
+# ------------------------------------------------------------------ loss and loop
+def test_contrastive_loss_is_clips_with_repeated_captions_merged():
+    torch.manual_seed(0)
+    images, texts = torch.randn(4, 8), torch.randn(4, 8)
+    scale = torch.tensor(2.0)
+    logits = scale.exp() * torch.nn.functional.normalize(images, dim=1) @ \
+        torch.nn.functional.normalize(texts, dim=1).T
+    labels = torch.arange(4)
+    clip = (torch.nn.functional.cross_entropy(logits, labels)
+            + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    assert torch.allclose(contrastive_loss(images, texts, labels, scale), clip)
+    # two images share caption 0: image->text has one target each, text 0 spreads over both
+    shared = contrastive_loss(images, texts[:3], torch.tensor([0, 0, 1, 2]), scale)
+    aligned = contrastive_loss(texts[[0, 0, 1, 2]] * 5, texts[:3], torch.tensor([0, 0, 1, 2]),
+                               scale)
+    assert torch.isfinite(shared) and aligned < shared
+
+
+def test_a_small_run_lowers_the_contrastive_loss():
+    recipe = dataclasses.replace(TINY, identities=8, images_per_identity=2, steps=12,
+                                 batch_size=16, warmup_steps=2, lr=3e-3)
+    corpus = build_corpus(recipe, seed=0, image_size=64)
+    model = create_model("tiny-rn", seed=0)
+    losses = train_contrastive(model, open_clip.get_tokenizer("tiny-rn"), corpus, recipe, seed=0)
+    assert len(losses) == recipe.steps
+    assert np.mean(losses[-5:]) < 0.8 * losses[0]
+
+
+def test_same_seed_same_weights_and_the_global_rng_is_left_alone():
+    def weights(seed):
+        model, losses, _ = pretrain_module.pretrain_model("tiny-rn", TINY, seed, device="cpu")
+        return model.state_dict(), losses
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first, losses = weights(0)
+    assert torch.equal(torch.rand(1), before)
+    second, again = weights(0)
+    assert losses == again
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    third, _ = weights(1)
+    assert not all(torch.equal(first[k], third[k]) for k in first)
+
+
+# ------------------------------------------------------------------ cache
+def test_the_cache_key_follows_the_recipe_seed_and_generator(monkeypatch, tmp_path):
+    key = cache_key("tiny-rn", TINY, 0)
+    assert key == cache_key("tiny-rn", dataclasses.replace(TINY), 0)
+    changed = [cache_key("tiny-rn", dataclasses.replace(TINY, steps=3), 0),
+               cache_key("tiny-rn", dataclasses.replace(TINY, caption_fields=("tone",)), 0),
+               cache_key("tiny-rn", TINY, 1), cache_key("tiny-vit", TINY, 0)]
+    assert key not in changed and len(set(changed)) == len(changed)
+    monkeypatch.setattr(pretrain_module, "GENERATOR_VERSION", 999)
+    assert cache_key("tiny-rn", TINY, 0) != key
+    path = weights_path("rn50", tmp_path, 0, TINY)
+    assert path.parent == tmp_path / "pretrained" and "tiny-rn" in path.name
+
+
+def test_pretrain_builds_once_then_reuses_and_force_rebuilds(tmp_path):
+    lines = []
+    path = pretrain("rn50", tmp_path, progress=False, recipe=TINY, log=lines.append)
+    assert path.is_file() and path.with_suffix(".json").is_file() and len(lines) == 1
+    assert "pretraining the tiny rn50" in lines[0] and str(path) in lines[0]
+    stamp = path.stat().st_mtime_ns
+    assert pretrain("rn50", tmp_path, progress=False, recipe=TINY, log=lines.append) == path
+    assert len(lines) == 1 and path.stat().st_mtime_ns == stamp
+    pretrain("rn50", tmp_path, progress=False, recipe=TINY, log=lines.append, force=True)
+    assert len(lines) == 2
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_pretrained_synthetic_builds_on_first_use_then_reuses(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(RECIPES, "rn50", TINY)
+    backbone = create_backbone("rn50", "tiny", "synthetic", cache_dir=tmp_path)
+    built = capsys.readouterr().err.splitlines()
+    assert len([line for line in built if line.startswith("[model]")]) == 1
+    path = weights_path("rn50", tmp_path, pretrain_module.SYNTHETIC_SEED, TINY)
+    saved = torch.load(path, weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in backbone.clip.state_dict().items())
+    create_backbone("rn50", "tiny", "synthetic", cache_dir=tmp_path)
+    assert "[model]" not in capsys.readouterr().err
+    # the file is an ordinary weights file too
+    create_backbone("rn50", "tiny", str(path))
+    with pytest.raises(ModelLoadError, match="synthetic exists only for the tiny profile"):
+        create_backbone("rn50", "full", "synthetic", cache_dir=tmp_path)
+
+
+def test_the_pretrain_verb_says_where_and_how_long(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(RECIPES, "rn50", TINY)
+    argv = ["pretrain", "--backbone", "rn50", "--cache-dir", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    path = weights_path("rn50", tmp_path, 0, TINY)
+    assert f"rn50: synthetic pretrained tiny weights at {path} (" in out.out
+    assert "[model] pretraining" in out.err
+    assert main(argv) == 0
+    assert "[model]" not in capsys.readouterr().err

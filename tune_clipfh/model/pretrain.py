@@ -1,0 +1,350 @@
+"""Contrastive image-text pretraining of the tiny backbones: ``pretrained: synthetic``.
+
+The tiny profile has no OpenAI weights. This module gives it a counterpart: CLIP's own recipe
+(symmetric InfoNCE between image and caption embeddings, learnable logit scale, AdamW, linear
+warm-up then cosine decay) on a synthetic captioned corpus, so that both towers start from
+something learnt, the text tower included.
+
+Policies:
+
+* The corpus: ``Recipe.identities`` identities drawn by the hand generator
+  (:func:`tune_clipfh.data.synth.render`) in identity namespace ``Recipe.namespace`` (1), which
+  no evaluation dataset uses (they all use 0): other ids, other random streams. Images are
+  drawn in memory, JPEG-compressed and resized exactly as the image store prepares evaluation
+  images (so the pixel statistics match), and each gets a caption from its own attributes
+  (:mod:`tune_clipfh.data.captions`).
+* The loss: per batch, each distinct caption is encoded once. Image -> text is a
+  cross-entropy over the batch's distinct captions; text -> image spreads the target evenly over
+  the images sharing that caption (identities with the same coarse attributes are not
+  negatives of each other). The two directions are averaged, as in CLIP.
+* Deterministic for a seed on one machine: the model initialisation, the corpus and the batch
+  order come from the seed alone (the global torch RNG is left as it was).
+* Cached under ``<cache>/pretrained/`` (TUNE_CLIPFH_CACHE or ~/.cache/tune-clipfh), in a file
+  named after the architecture, the seed and a hash of the generator version, the recipe and
+  the architecture config. A state dict of ``open_clip.create_model(arch,
+  force_quick_gelu=True)``, loadable as ``pretrained: <path>``; a JSON beside it records how it
+  was made. Written under a temporary name and renamed; a file lock makes concurrent builders
+  (Ray trials) build once and share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from PIL import Image
+from tqdm import tqdm
+
+from ..data.captions import CAPTION_FIELDS, DEFAULT_CAPTION_FIELDS, caption
+from ..data.prepared import default_cache_dir
+from ..data.store import to_float
+from ..data.synth import ASPECTS_OF_HAND, GENERATOR_VERSION, JPEG_QUALITY, render
+from .backbone import CONFIG_DIR  # noqa: F401  (registers the tiny configs with open_clip)
+from .registry import backbone_spec
+
+try:
+    import fcntl
+except ImportError:  # Windows has no fcntl: no lock, concurrent first builds may each build
+    fcntl = None
+
+PRETRAIN_FORMAT = 1
+"""Bump when the same recipe would train differently (the cache key includes it)."""
+SYNTHETIC_SEED = 0
+"""The seed of the weights ``pretrained: synthetic`` stands for (one fixed file, like openai)."""
+PRETRAINED_DIR = "pretrained"
+MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps its learnt temperature at 100
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the pretrained weights, apart from the seed and architecture."""
+
+    # the corpus
+    identities: int = 2000
+    images_per_identity: int = 6  # per aspect
+    aspects: tuple[str, ...] = ("dorsal right",)  # ASPECTS_OF_HAND values
+    caption_fields: tuple[str, ...] = DEFAULT_CAPTION_FIELDS
+    namespace: int = 1  # identity namespace of the generator; evaluation datasets use 0
+    render_size: tuple[int, int] = (160, 120)  # as the generator draws evaluation datasets
+    # the optimisation: AdamW, linear warm-up then cosine to 0
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 40
+
+    def __post_init__(self):
+        if self.namespace < 1:
+            raise ValueError("Recipe.namespace must be >= 1: namespace 0 is the evaluation "
+                             "datasets' own")
+        if min(self.identities, self.images_per_identity, self.steps, self.batch_size) < 1:
+            raise ValueError("Recipe needs identities, images_per_identity, steps and "
+                             "batch_size >= 1")
+        wrong = [a for a in self.aspects if a not in ASPECTS_OF_HAND]
+        wrong += [f for f in self.caption_fields if f not in CAPTION_FIELDS]
+        if wrong or not self.aspects:
+            raise ValueError(f"Recipe: {wrong or 'no aspects'} not valid (aspects: "
+                             f"{', '.join(ASPECTS_OF_HAND)}; caption fields: "
+                             f"{', '.join(CAPTION_FIELDS)})")
+
+
+RECIPES: dict[str, Recipe] = {
+    "rn50": Recipe(),
+    "vitb16": Recipe(steps=480, warmup_steps=48),  # a ViT step costs less; it learns slower
+    "vitl14": Recipe(),  # not measured: its 24 blocks take about twice the tiny ViT-B's time
+}
+"""The recipe ``pretrained: synthetic`` uses per backbone key: each fits in 3 minutes on 2 CPU
+cores, corpus included."""
+
+
+@dataclass
+class Corpus:
+    pixels: torch.Tensor  # uint8 [N, 3, S, S]
+    identities: np.ndarray  # str [N]
+    captions: list[str]  # the distinct captions, sorted
+    caption_index: torch.Tensor  # long [N]: each image's caption in ``captions``
+
+
+def build_corpus(recipe: Recipe, seed: int, image_size: int, progress: bool = False) -> Corpus:
+    """Draw the captioned corpus in memory, pixels prepared as the image store prepares them."""
+    total = recipe.identities * recipe.images_per_identity * len(recipe.aspects)
+    pixels = np.empty((total, image_size, image_size, 3), dtype=np.uint8)
+    texts, identities = [], []
+    drawn = render(recipe.identities, recipe.images_per_identity, seed, recipe.render_size,
+                   aspects=recipe.aspects, namespace=recipe.namespace)
+    for row, hand in enumerate(tqdm(drawn, total=total, desc="pretraining corpus",
+                                    disable=not progress, leave=False)):
+        pixels[row] = _as_stored(hand.image, image_size)
+        texts.append(caption(hand.attributes, recipe.caption_fields))
+        identities.append(hand.attributes.id)
+    captions = sorted(set(texts))
+    position = {text: k for k, text in enumerate(captions)}
+    return Corpus(
+        pixels=torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+        identities=np.array(identities),
+        captions=captions,
+        caption_index=torch.tensor([position[t] for t in texts], dtype=torch.long),
+    )
+
+
+_last_corpus: dict[tuple, Corpus] = {}
+
+
+def _shared_corpus(recipe: Recipe, seed: int, image_size: int, progress: bool) -> Corpus:
+    """`build_corpus`, reusing the previous call's corpus when it would be the same (``pretrain
+    --backbone all`` draws it once for both backbones); one corpus is kept at most."""
+    training = {"steps", "batch_size", "lr", "weight_decay", "warmup_steps"}
+    key = (tuple(v for k, v in dataclasses.asdict(recipe).items() if k not in training),
+           seed, image_size)
+    if key not in _last_corpus:
+        _last_corpus.clear()
+        _last_corpus[key] = build_corpus(recipe, seed, image_size, progress)
+    return _last_corpus[key]
+
+
+def _as_stored(image: Image.Image, size: int) -> np.ndarray:
+    """The pixels an evaluation image reaches the model with: a JPEG file (synthesize), decoded
+    and squashed to size x size with bilinear resampling (the image store)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB").resize((size, size),
+                                                        Image.Resampling.BILINEAR))
+
+
+def batch_order(count: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """``steps`` batches of image indices: a fresh seeded permutation per pass over the corpus;
+    every batch holds ``min(batch_size, count)`` distinct images."""
+    generator = torch.Generator().manual_seed(seed)
+    size = min(batch_size, count)
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < size:
+            order = torch.randperm(count, generator=generator)
+        yield order[:size]
+        order = order[size:]
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     caption_index: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE with repeated captions: ``text_features`` [U, D] are the
+    batch's distinct captions, ``caption_index`` [B] gives each image's row among them."""
+    logits = logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(
+        text_features, dim=-1).T  # [B, U]
+    image_to_text = F.cross_entropy(logits, caption_index)
+    targets = F.one_hot(caption_index, len(text_features)).T.float()  # [U, B]
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    text_to_image = -(targets * logits.T.log_softmax(dim=1)).sum(dim=1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def create_model(arch: str, seed: int) -> open_clip.CLIP:
+    """The architecture the backbone factory builds, initialised from ``seed`` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip.create_model(arch, force_quick_gelu=True)
+
+
+def train_contrastive(model: open_clip.CLIP, tokenizer: Callable, corpus: Corpus, recipe: Recipe,
+                      seed: int, device: torch.device | str = "cpu",
+                      progress: bool = False) -> list[float]:
+    """Pretrain ``model`` in place; return the loss of every step."""
+    # convolutional towers run about a quarter faster channels-last, on CPUs too
+    memory_format = (torch.channels_last if isinstance(model.visual, ModifiedResNet)
+                     else torch.contiguous_format)
+    model.to(device, memory_format=memory_format).train()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        # as open_clip's training: no decay on gains, biases, norms and the temperature
+        plain = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
+        (no_decay if plain or name == "logit_scale" else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6, foreach=True)  # CPUs default to a slower loop
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, recipe.warmup_steps, recipe.steps))
+    tokens = tokenizer(corpus.captions)
+    losses = []
+    bar = tqdm(total=recipe.steps, desc="contrastive pretraining", disable=not progress,
+               leave=False)
+    for rows in batch_order(len(corpus.pixels), recipe.batch_size, recipe.steps, seed):
+        distinct, index = torch.unique(corpus.caption_index[rows], return_inverse=True)
+        images = to_float(corpus.pixels[rows].to(device), memory_format=memory_format)
+        loss = contrastive_loss(model.encode_image(images),
+                                model.encode_text(tokens[distinct].to(device)),
+                                index.to(device), model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        losses.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
+    model.to(memory_format=torch.contiguous_format).eval()
+    return losses
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain_model(arch: str, recipe: Recipe, seed: int, progress: bool = False,
+                   device: torch.device | str | None = None,
+                   ) -> tuple[open_clip.CLIP, list[float], Corpus]:
+    """Build the corpus and pretrain a fresh ``arch`` model on it (no cache)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    image_size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    corpus = _shared_corpus(recipe, seed, image_size, progress)
+    model = create_model(arch, seed)
+    losses = train_contrastive(model, open_clip.get_tokenizer(arch), corpus, recipe, seed,
+                               device, progress)
+    return model.cpu(), losses, corpus
+
+
+def cache_key(arch: str, recipe: Recipe, seed: int) -> str:
+    """Hash of what decides the weights: formats, generator version, recipe, seed, arch config."""
+    facts = {"format": PRETRAIN_FORMAT, "generator": GENERATOR_VERSION, "seed": seed,
+             "arch": arch, "arch_config": open_clip.get_model_config(arch),
+             "recipe": dataclasses.asdict(recipe)}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_path(backbone_key: str, cache_dir: str | os.PathLike | None = None, seed: int = 0,
+                 recipe: Recipe | None = None) -> Path:
+    """Where the weights of this backbone, seed and recipe are (or will be) cached."""
+    arch = backbone_spec(backbone_key).tiny_arch
+    recipe = recipe or RECIPES[backbone_key]
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return cache / PRETRAINED_DIR / f"synthetic-{arch}-seed{seed}-{cache_key(arch, recipe, seed)}.pt"
+
+
+def pretrain(backbone_key: str, cache_dir: str | os.PathLike | None = None, seed: int = 0,
+             progress: bool = True, *, recipe: Recipe | None = None, force: bool = False,
+             log: Callable[[str], None] | None = None) -> Path:
+    """The cached synthetic-pretrained weights of the tiny ``backbone_key``: built (one line
+    says so) when missing or when ``force``, else reused. Returns the file's path."""
+    log = log or _stderr
+    recipe = recipe or RECIPES[backbone_key]
+    path = weights_path(backbone_key, cache_dir, seed, recipe)
+    if path.is_file() and not force:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(path):
+        if path.is_file() and not force:  # another process built it while we waited
+            return path
+        arch = backbone_spec(backbone_key).tiny_arch
+        log(f"[model] pretraining the tiny {backbone_key} ({arch}) on synthetic captioned hands "
+            f"({recipe.identities} identities, {recipe.steps} steps), once; cached as {path}")
+        started = time.perf_counter()
+        model, losses, corpus = pretrain_model(arch, recipe, seed, progress)
+        record = {"backbone": backbone_key, "arch": arch, "seed": seed,
+                  "generator_version": GENERATOR_VERSION, "format": PRETRAIN_FORMAT,
+                  "recipe": dataclasses.asdict(recipe), "images": len(corpus.pixels),
+                  "distinct_captions": len(corpus.captions),
+                  "loss_first": losses[0], "loss_last": losses[-1],
+                  "loss_last_10_mean": float(np.mean(losses[-10:])),
+                  "logit_scale": model.logit_scale.detach().exp().item(),
+                  "seconds": round(time.perf_counter() - started, 1),
+                  "device": "cuda" if torch.cuda.is_available() else "cpu",
+                  "torch_threads": torch.get_num_threads(),
+                  "torch": torch.__version__, "open_clip": open_clip.__version__}
+        _atomic_write(path.with_suffix(".json"),
+                      lambda f: f.write(json.dumps(record, indent=1).encode()))
+        _atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    return path
+
+
+def synthetic_weights(backbone_key: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """What ``pretrained: synthetic`` means: the fixed-seed weights, built on first use."""
+    return pretrain(backbone_key, cache_dir, seed=SYNTHETIC_SEED, progress=False)
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with tmp.open("wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    if fcntl is None:
+        yield
+        return
+    with path.with_suffix(".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
