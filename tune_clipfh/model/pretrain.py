@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -55,6 +56,7 @@ from ..data.captions import CAPTION_FIELDS, DEFAULT_CAPTION_FIELDS, caption
 from ..data.prepared import default_cache_dir
 from ..data.store import to_float
 from ..data.synth import ASPECTS_OF_HAND, GENERATOR_VERSION, JPEG_QUALITY, render
+from ..resources import resource_path
 from .backbone import CONFIG_DIR  # noqa: F401  (registers the tiny configs with open_clip)
 from .registry import backbone_spec
 
@@ -63,8 +65,10 @@ try:
 except ImportError:  # Windows has no fcntl: no lock, concurrent first builds may each build
     fcntl = None
 
-PRETRAIN_FORMAT = 1
-"""Bump when the same recipe would train differently (the cache key includes it)."""
+PRETRAIN_FORMAT = 2
+"""Bump when the same recipe would train or store differently (the cache key includes it).
+2: floating-point tensors stored in fp16, as OpenAI ships CLIP (half the size; the shipped files
+stay under 10 MB)."""
 SYNTHETIC_SEED = 0
 """The seed of the weights ``pretrained: synthetic`` stands for (one fixed file, like openai)."""
 PRETRAINED_DIR = "pretrained"
@@ -197,9 +201,23 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 def create_model(arch: str, seed: int) -> open_clip.CLIP:
     """The architecture the backbone factory builds, initialised from ``seed`` alone."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _without_random_init_warning():
         torch.manual_seed(seed)
         return open_clip.create_model(arch, force_quick_gelu=True)
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """open_clip warns that the model is "initialized randomly": here that is the point."""
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def train_contrastive(model: open_clip.CLIP, tokenizer: Callable, corpus: Corpus, recipe: Recipe,
@@ -314,13 +332,32 @@ def pretrain(backbone_key: str, cache_dir: str | os.PathLike | None = None, seed
                   "torch": torch.__version__, "open_clip": open_clip.__version__}
         _atomic_write(path.with_suffix(".json"),
                       lambda f: f.write(json.dumps(record, indent=1).encode()))
-        _atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+        _atomic_write(path, lambda f: torch.save(half_state_dict(model), f))
     return path
 
 
+def half_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with floating-point tensors in fp16; open_clip loads it into fp32."""
+    return {name: value.half() if value.is_floating_point() else value
+            for name, value in model.state_dict().items()}
+
+
 def synthetic_weights(backbone_key: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """What ``pretrained: synthetic`` means: the fixed-seed weights, built on first use."""
+    """What ``pretrained: synthetic`` means: the fixed-seed weights. The package ships them
+    for the measured recipes (``resources/pretrained/``, the very file ``tune-clipfh pretrain``
+    writes: same name, same tensors); any other recipe or generator version is built on first
+    use and cached."""
+    shipped = shipped_weights(backbone_key)
+    if shipped is not None:
+        return shipped
     return pretrain(backbone_key, cache_dir, seed=SYNTHETIC_SEED, progress=False)
+
+
+def shipped_weights(backbone_key: str) -> Path | None:
+    """The packaged file for the fixed seed and today's recipe, or None."""
+    name = weights_path(backbone_key, "/", SYNTHETIC_SEED).name
+    path = resource_path(PRETRAINED_DIR, name)
+    return path if path.is_file() else None
 
 
 def _atomic_write(path: Path, write: Callable) -> None:
