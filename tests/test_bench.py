@@ -188,8 +188,8 @@ def test_targets_and_table():
 def test_parse_lines_and_cli_errors(capsys):
     assert bench.parse_lines(None) == list(bench.ALL_LINES)
     assert bench.parse_lines("3, 1,3") == [1, 3]
-    assert main(["bench", "--only", "9"]) == 2
-    assert "not a benchmark line" in capsys.readouterr().err
+    assert main(["bench", "--only", "10"]) == 2
+    assert "not a benchmark line (valid: 1-9)" in capsys.readouterr().err
 
 
 def test_driver_growth_slope():

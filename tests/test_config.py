@@ -8,6 +8,7 @@ import yaml
 
 from tune_clipfh.cli import main
 from tune_clipfh.config import ConfigError, RunConfig, build_config, load_config, read_yaml
+from tune_clipfh.model.registry import BACKBONES
 
 UPSTREAM_FILES = ["configs/vitb16_11k_dorsal_r.yaml", "configs/rn50_11k_dorsal_r.yaml"]
 
@@ -143,6 +144,25 @@ def test_group_rates_fall_back_to_lr():
     assert config.group_lr("visual") == 1e-5
     assert config.group_lr("text") == 3e-4
     assert config.group_weight_decay("head") == config.weight_decay
+
+
+@pytest.mark.parametrize("model", list(BACKBONES))
+def test_the_tiny_profile_scales_only_the_pretrained_towers_rates(model):
+    stated = {"model": model, "lr": 3e-4, "lr_visual": 1e-5, "lr_prompt": 5e-3, "lr_head": 1e-3}
+    full = build_config({**stated, "profile": "full"}).config
+    tiny = build_config({**stated, "profile": "tiny"}).config
+    scale = BACKBONES[model].tiny_lr_scale
+    assert scale > 1  # narrow towers have larger weights: a step moves them less, relatively
+    assert tiny.group_lr("visual") == pytest.approx(1e-5 * scale)
+    assert tiny.group_lr("text") == pytest.approx(3e-4 * scale)
+    for group in ("prompt", "head"):  # trained from scratch in both profiles
+        assert tiny.group_lr(group) == full.group_lr(group)
+    assert full.group_lr("visual") == 1e-5 and tiny.lr_visual == 1e-5  # the config keeps it
+
+
+def test_auto_weights_are_openai_for_full_and_synthetic_for_tiny():
+    assert build_config({"profile": "full"}).config.resolved_pretrained == "openai"
+    assert build_config({"profile": "tiny"}).config.resolved_pretrained == "synthetic"
 
 
 @pytest.mark.parametrize("values, message", [

@@ -31,6 +31,8 @@ Profile = Literal[PROFILES]
 UPSTREAM_IDENTITY_PLACEHOLDER = "{}"
 CTX_PLACEHOLDER = "{ctx}"
 FAULT_PATTERN = re.compile(r"(nan|raise)@(prompt|image):([1-9][0-9]*)")
+PRETRAINED_GROUPS = ("visual", "text")
+"""Parameter groups that start from pretrained weights (the tiny profile scales their rates)."""
 
 IGNORED_UPSTREAM_KEYS = {
     "loss_list": "upstream built only SupCon from it; each loss is gated by its loss_use_* flag",
@@ -178,12 +180,13 @@ class RunConfig:
 
     # --- ours: model ---
     profile: Profile = knob(
-        "full", "full: real architectures at 224 px; tiny: small random-init configs at 64 px",
+        "full", "full: real architectures at 224 px; tiny: small configs at 64 px whose "
+        "pretrained towers train at the stated rates x the backbone's tiny_lr_scale",
         group="model")
     pretrained: str = knob(
         "auto", "openai (full) | synthetic (tiny: pretrained on synthetic captioned hands, "
-        "built on first use) | none | path to a local weights file (auto: openai for full, "
-        "none for tiny)", group="model")
+        "shipped or built on first use) | none | path to a local weights file (auto: openai "
+        "for full, synthetic for tiny)", group="model")
     id_head: Literal["linear", "arcface"] | None = knob(
         None, "ID head after the BNNeck (default linear, or arcface via use_arcface)",
         group="loss")
@@ -322,9 +325,14 @@ class RunConfig:
         return self.batch_size // self.pk_k
 
     def group_lr(self, group: str) -> float:
-        """Learning rate of a parameter group (visual, prompt, text, head)."""
+        """Learning rate a parameter group (visual, prompt, text, head) trains at: the stated
+        rate, times the backbone's ``tiny_lr_scale`` for the pretrained towers in the tiny
+        profile (the prompts and heads start from scratch in both profiles)."""
         value = getattr(self, f"lr_{group}")
-        return self.lr if value is None else value
+        rate = self.lr if value is None else value
+        if self.profile == "tiny" and group in PRETRAINED_GROUPS:
+            return rate * BACKBONES[self.model].tiny_lr_scale
+        return rate
 
     def group_weight_decay(self, group: str) -> float:
         value = getattr(self, f"weight_decay_{group}")
@@ -333,7 +341,7 @@ class RunConfig:
     @property
     def resolved_pretrained(self) -> str:
         if self.pretrained == "auto":
-            return "openai" if self.profile == "full" else "none"
+            return "openai" if self.profile == "full" else "synthetic"
         return self.pretrained
 
     def template_error(self) -> str | None:

@@ -23,10 +23,12 @@ Lines (``--only 1,3`` selects some):
    search, TPE, and TPE + ASHA on the same budget; compute ASHA saves at equal best result.
 8. CUDA (skipped on CPU): stage-2 training-step images/s at 224 px, batch 64, bf16 AMP vs fp32,
    with model FLOP utilisation; feature-extraction images/s.
+9. Learning-rate transfer: the relative weight change per epoch of the full and the tiny image
+   towers at one rate, whose ratio each backbone's ``tiny_lr_scale`` in the registry holds.
 
 One module per line returns its rows (:mod:`.evaluator`, :mod:`.tune_overhead`,
 :mod:`.input_pipeline`, :mod:`.prompt_cache`, :mod:`.concurrency`, :mod:`.memory`,
-:mod:`.search_efficiency`, :mod:`.cuda`), all on one shared :mod:`.harness` (settings, rows and
+:mod:`.search_efficiency`, :mod:`.cuda`, :mod:`.lr_transfer`), all on one shared :mod:`.harness` (settings, rows and
 targets, timing, RSS sampling, the run context, table and JSON); :mod:`.runner` holds the line
 registry and :func:`run_bench`, which runs the selected lines (Ray started once, on first need,
 with storage in a temporary folder), prints an aligned table and writes JSON.

@@ -32,6 +32,7 @@ from .harness import (
     write_json,
 )
 from .input_pipeline import line_input_pipeline
+from .lr_transfer import line_lr_transfer
 from .memory import search_memory
 from .prompt_cache import prompt_cache
 from .search_efficiency import search_efficiency
@@ -39,7 +40,8 @@ from .tune_overhead import line_tune_overhead
 
 LINES: dict[int, Callable[[Context], list[Row]]] = {
     1: line_evaluator, 2: line_tune_overhead, 3: line_input_pipeline, 4: prompt_cache,
-    5: concurrency, 6: search_memory, 7: search_efficiency, 8: cuda_throughput}
+    5: concurrency, 6: search_memory, 7: search_efficiency, 8: cuda_throughput,
+    9: line_lr_transfer}
 
 
 def parse_lines(text: str | None) -> list[int]:
@@ -53,7 +55,7 @@ def parse_lines(text: str | None) -> list[int]:
         if not part.isdigit() or int(part) not in LINES:
             from ..errors import UserError
 
-            raise UserError(f"--only: {part!r} is not a benchmark line (valid: 1-8)")
+            raise UserError(f"--only: {part!r} is not a benchmark line (valid: {min(LINES)}-{max(LINES)})")
         chosen.append(int(part))
     return sorted(set(chosen))
 
