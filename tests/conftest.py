@@ -9,6 +9,9 @@ own, one synthetic-data cache and one Ray session.
 * ``TUNE_CLIPFH_CACHE`` points at one temporary folder for the whole test session, so the
   synthetic dataset and its decoded image stores are built once per session (and never in the
   user's own cache).
+* ``TUNE_CLIPFH_SYNTHETIC_IDENTITIES=80``: the embedded dataset at half its size (40 training
+  identities of which 8 validate, 40 test identities), so that every training test's epoch
+  costs half; the learning tests' margins are measured at this size.
 * ``ray_session``: one local Ray instance (2 CPUs), started as the project starts one
   (``init_ray``), shared by every test that runs trials in this process; tests that need a
   cluster or a driver of their own run it in a subprocess (``drivers`` below).
@@ -31,6 +34,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["TUNE_CLIPFH_SYNTHETIC_IDENTITIES"] = "80"
 
 
 def _session_token() -> Path:
