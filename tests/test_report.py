@@ -24,7 +24,7 @@ import pytest
 from tune_clipfh.cli import main
 from tune_clipfh.errors import UserError
 from tune_clipfh.evaluation import UPSTREAM_COLUMNS
-from tune_clipfh.report import REFERENCE_CSV, build_report, figures, tables
+from tune_clipfh.report import REFERENCE_CSV, build_report, claims, figures, tables
 from tune_clipfh.report.data import (
     load_experiment,
     load_zero_shot,
@@ -254,8 +254,11 @@ def test_missing_and_partial_experiments_give_a_report_that_says_so(experiments,
     assert "No reproduce experiment read" in page
     assert "never started a trial" in page and "folder does not exist" in page
     assert page.count('id="figure-') >= 5
+    assert "Best search configuration vs best version: no version (v1-v10) has test " \
+           "results." in page  # the claims say why they are absent
     empty = build_report([], tmp_path / "empty").read_text()
     assert "No experiment folder was given" in empty
+    assert "Not drawn: no claim to make: " in empty and "no zero-shot evaluation given" in empty
 
 
 def test_cli_report_verb_prints_the_page_path(experiments, tmp_path, capsys):
@@ -392,5 +395,155 @@ def test_zero_shot_evaluations_are_reference_points_in_figures_1_and_2(experimen
     assert sorted(shape.y0 for shape in versus.layout.shapes) == pytest.approx([20.0, 35.0])
     page = build_report(experiments, tmp_path / "out", zero_shot_dirs=[folder]).read_text()
     assert zero_shot["label"] in page
+    # The summary's claims: one seed everywhere, so the sentences say "not a claim".
+    expected, reasons = claims.claims(loaded[1], configs, [zero_shot])
+    written = pd.read_csv(tmp_path / "out" / "claims.csv")
+    assert list(written.columns) == claims.CLAIM_COLUMNS
+    assert list(written["claim"]) == list(expected["claim"])
+    assert list(written["comparison"]) == [claims.BEST_VS_BEST, claims.VERSUS_ZERO_SHOT,
+                                           claims.VERSUS_ZERO_SHOT]
+    assert set(written["verdict"]) == {claims.UNKNOWN}
+    for sentence in [*expected["claim"], *reasons]:
+        assert sentence in page, sentence
+    assert "no backbone has two consecutive versions" in page  # v1 and v4 only
     with pytest.raises(UserError, match="not a zero-shot evaluation folder"):
         load_zero_shot(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------
+# Claims: signal or seed noise, from hand-made trials (no Ray)
+
+
+def fake_trials(*runs, experiment: str = "e") -> pd.DataFrame:
+    """Trials of configurations ``(name, backbone, validation Rank-1, [test Rank-1 per seed])``
+    in percent: ``v<N>`` names a version (one trial per seed), anything else a search trial
+    (one seed); a None test is a trial without test results (stopped by ASHA)."""
+    rows = []
+    for name, backbone, val, tests in runs:
+        fixed = re.fullmatch(r"v\d+", name) is not None
+        for seed, test in enumerate(tests):
+            rows.append({
+                "experiment": experiment, "kind": "fixed" if fixed else "search",
+                "backbone": backbone, "version": name if fixed else None, "seed": seed,
+                "trial_id": f"{experiment}-{backbone}-{name}-{seed}" if fixed else name,
+                "status": "stopped_by_scheduler" if test is None else "TERMINATED",
+                "best_val_rank1": val / 100, "best_val_mAP": val / 100,
+                "test_rank1": math.nan if test is None else test / 100})
+    return pd.DataFrame(rows)
+
+
+def claims_of(trials: pd.DataFrame, zero_shots=()) -> tuple[pd.DataFrame, list[str]]:
+    return claims.claims(trials, tables.configurations(trials), zero_shots)
+
+
+def test_a_version_step_beyond_the_seed_noise_is_hand_computed():
+    trials = fake_trials(("v1", "rn50", 50, [30, 31, 32]), ("v2", "rn50", 60, [40, 42, 44]))
+    values = claims.seed_values(trials).set_index("label")
+    assert values.loc["rn50-v2", ["value", "std", "seeds"]].tolist() == pytest.approx(
+        [42.0, 2.0, 3])
+    table, reasons = claims_of(trials)
+    assert len(table) == 1
+    step = table.iloc[0]
+    assert (step["comparison"], step["a"], step["b"]) == (claims.VERSION_STEP, "rn50-v2",
+                                                          "rn50-v1")
+    assert step["delta"] == pytest.approx(11.0)
+    assert step["noise"] == pytest.approx(math.sqrt(2.0**2 + 1.0**2))  # 2.236
+    assert step["verdict"] == claims.BEYOND
+    assert step["claim"] == ("rn50-v2 vs rn50-v1: +11.0 ± 2.2 test Rank-1 points (3 seeds "
+                             "each): beyond the seed noise.")
+    assert reasons == [
+        "Best search configuration vs best version: no search configuration has test "
+        "results.",
+        "Against zero-shot: no zero-shot evaluation given (report --zero-shot DIR)."]
+
+
+def test_a_difference_smaller_than_the_seed_noise_is_within_it():
+    trials = fake_trials(("v1", "rn50", 50, [40, 42, 44]), ("v2", "rn50", 60, [41, 45, 49]))
+    step = claims_of(trials)[0].iloc[0]
+    # delta 45 - 42 = 3; noise sqrt(4² + 2²) = 4.47
+    assert (step["delta"], step["noise"]) == pytest.approx((3.0, math.sqrt(20)))
+    assert step["verdict"] == claims.WITHIN
+    assert step["claim"] == ("rn50-v2 vs rn50-v1: +3.0 ± 4.5 test Rank-1 points (3 seeds "
+                             "each): within the seed noise.")
+
+
+def test_a_single_seed_search_configuration_borrows_the_versions_seed_noise():
+    trials = fake_trials(
+        ("v1", "rn50", 50, [30, 31, 32]),  # std 1
+        ("v2", "rn50", 60, [40, 42, 44]),  # std 2, the best version by validation
+        ("v1", "vitb16", 55, [60, 70]),  # std sqrt(50): another backbone, not borrowed
+        ("abc", "rn50", 80, [47]),  # the best search configuration with test results
+        ("zzz", "rn50", 90, [None]))  # best validation, but stopped before the test
+    values = claims.seed_values(trials)
+    assert "search-zzz" not in set(values["label"])
+    assert claims.borrowed_std(values, "rn50") == pytest.approx(1.5)  # same backbone first
+    assert claims.borrowed_std(values, "vitb16") == pytest.approx(math.sqrt(50))
+    assert claims.borrowed_std(values, "rn101") == pytest.approx(  # then any backbone
+        (1 + 2 + math.sqrt(50)) / 3)
+    best = claims_of(trials)[0].iloc[0]
+    assert (best["comparison"], best["a"], best["b"]) == (claims.BEST_VS_BEST, "search-abc",
+                                                          "rn50-v2")
+    # delta 47 - 42 = 5; noise sqrt(1.5² + 2²) = 2.5
+    assert (best["delta"], best["noise"]) == pytest.approx((5.0, 2.5))
+    assert best["noise_borrowed"] == "search-abc"
+    assert best["claim"] == (
+        "The best search configuration (search-abc) vs the best version (rn50-v2): +5.0 ± 2.5 "
+        "test Rank-1 points (1 seed vs 3 seeds; seed noise of search-abc borrowed from the "
+        "versions): beyond the seed noise.")
+
+
+def test_one_seed_everywhere_is_not_a_claim():
+    trials = fake_trials(("v1", "rn50", 50, [30]), ("v2", "rn50", 60, [35]),
+                         ("s", "rn50", 70, [40]))
+    table, _ = claims_of(trials)
+    assert list(table["comparison"]) == [claims.BEST_VS_BEST, claims.VERSION_STEP]
+    assert set(table["verdict"]) == {claims.UNKNOWN} and table["noise"].isna().all()
+    assert table.iloc[0]["claim"] == (
+        "The best search configuration (search-s) vs the best version (rn50-v2): +5.0 test "
+        "Rank-1 points (1 seed each): noise unknown (one seed): not a claim.")
+    nothing, reasons = claims_of(pd.DataFrame())
+    assert nothing.empty and list(nothing.columns) == claims.CLAIM_COLUMNS
+    assert len(reasons) == 3 and "no backbone has two consecutive versions" in reasons[2]
+
+
+def test_each_version_is_compared_with_the_previous_one_per_backbone():
+    trials = pd.concat([
+        fake_trials(("v1", "rn50", 50, [30, 31, 32]), ("v2", "rn50", 60, [40, 42, 44]),
+                    ("v3", "rn50", 65, [None, None]),  # no test results: v4 has no step
+                    ("v4", "rn50", 70, [50, 51, 52]),
+                    ("v9", "rn50", 70, [50, 52]), ("v10", "rn50", 70, [53, 55]),
+                    ("v1", "vitb16", 50, [60, 62]), ("v2", "vitb16", 60, [59, 61]),
+                    experiment="r1"),
+        fake_trials(("v1", "rn50", 50, [20, 22]), ("v2", "rn50", 60, [25, 27]),
+                    experiment="r2")], ignore_index=True)
+    table, _ = claims_of(trials)
+    steps = table[table["comparison"] == claims.VERSION_STEP]
+    assert list(zip(steps["a"], steps["b"], strict=True)) == [
+        ("rn50-v2 (r1)", "rn50-v1 (r1)"), ("rn50-v10", "rn50-v9"),
+        ("vitb16-v2", "vitb16-v1"), ("rn50-v2 (r2)", "rn50-v1 (r2)")]
+    assert list(steps["delta"]) == pytest.approx([11.0, 3.0, -1.0, 5.0])
+    vit = steps.iloc[2]
+    assert vit["noise"] == pytest.approx(2.0) and vit["verdict"] == claims.WITHIN
+    assert vit["claim"] == ("vitb16-v2 vs vitb16-v1: -1.0 ± 2.0 test Rank-1 points (2 seeds "
+                            "each): within the seed noise.")
+
+
+def test_the_best_configurations_against_zero_shot_have_no_zero_shot_seed_noise():
+    trials = fake_trials(("v1", "rn50", 50, [30, 31, 32]), ("v2", "rn50", 60, [40, 42, 44]),
+                         ("s", "rn50", 80, [47]))
+    zero_shots = [{"label": "zero-shot, ours (rn50, tiny)", "backbone": "rn50", "rank1": 20.0,
+                   "rank1_std": 3.0},  # std over splits: not seed noise, not used
+                  {"label": "zero-shot, ours (vitb16, tiny)", "backbone": "vitb16",
+                   "rank1": 25.0, "rank1_std": 3.0}]
+    table, reasons = claims_of(trials, zero_shots)
+    versus = table[table["comparison"] == claims.VERSUS_ZERO_SHOT]
+    assert list(versus["a"]) == ["search-s", "rn50-v2"]
+    assert set(versus["b"]) == {"zero-shot, ours (rn50, tiny)"}
+    assert list(versus["seeds_b"]) == [0, 0]
+    assert list(versus["delta"]) == pytest.approx([27.0, 22.0])
+    assert list(versus["noise"]) == pytest.approx([1.5, 2.0])  # borrowed 1.5; v2's own 2
+    assert versus.iloc[1]["claim"] == (
+        "The best version (rn50-v2) vs zero-shot, ours (rn50, tiny): +22.0 ± 2.0 test Rank-1 "
+        "points (3 seeds vs a seedless zero-shot evaluation): beyond the seed noise.")
+    assert reasons == ["Against zero-shot: zero-shot, ours (vitb16, tiny): no configuration "
+                       "of backbone vitb16 has test results."]

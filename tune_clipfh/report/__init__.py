@@ -14,7 +14,8 @@ Sections of the page:
 5. parameter importance of each search (fANOVA and PED-ANOVA);
 6. optimisation history of each search;
 7. CMC curves of the best configurations (chosen on validation);
-8. the summary table.
+8. the summary: claims in words (what is beyond the seed noise, ``report.claims``) and the
+   summary table.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import optuna
 import pandas as pd
 
 from ..resources import resource_path
-from . import figures, tables
+from . import claims, figures, tables
 from .data import Experiment, load_experiment, load_zero_shot, param_importances
-from .page import Panel, Section, frame_table, render_page
+from .page import Panel, Section, frame_table, render_page, sentence_list
 
 REFERENCE_CSV = resource_path("analysis", "thesis_clipfh_11k_dorsal_r_eval.csv")
 """The thesis's published per-version table (see analysis/README.md for its source)."""
@@ -46,7 +47,8 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
     """Write ``<out_dir>/report.html`` and its CSV tables; return the page's path.
 
     ``zero_shot_dirs``: zero-shot evaluations (``eval --zero-shot --out``) drawn as reference
-    points in figures 1 and 2, beside the thesis's zero-shot CLIP when the protocol matches."""
+    points in figures 1 and 2, beside the thesis's zero-shot CLIP when the protocol matches,
+    and compared with the best configurations in the summary's claims."""
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     experiments = [load_experiment(path) for path in experiment_dirs]
@@ -63,11 +65,13 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
         notes.append(f"The thesis's numbers are not shown: {protocol_note}")
 
     zero_shots = [load_zero_shot(path) for path in zero_shot_dirs]
+    given_zero_shots = list(zero_shots)  # the claims compare ours only (one implementation)
     if comparable and reference is not None:
         zero_shots += _thesis_zero_shots(reference_csv)
     configs = tables.configurations(trials) if not trials.empty else \
         tables.configurations(pd.DataFrame())
     comparison = tables.versus_reference(configs, reference)
+    claim_table, claim_reasons = claims.claims(trials, configs, given_zero_shots)
     labels = trial_labels(trials)
     protocol = [f"Thesis numbers not comparable: {protocol_note}"] \
         if not comparable and protocol_note else []
@@ -92,7 +96,8 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
         Section("CMC curves of the best configurations", [Panel(
             figures.cmc_figure(configs), caption=figures.CAPTIONS["cmc"],
             missing="no trial has a test CMC yet.")]),
-        Section("Summary: top configurations", [_summary_panel(configs)]),
+        Section("Summary: claims and top configurations", [
+            _claims_panel(claim_table, claim_reasons), _summary_panel(configs)]),
     ]
     csvs = {
         "eval_table": tables.eval_table(trials),
@@ -100,6 +105,7 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
         "configurations": configs.drop(columns=["knobs_html"], errors="ignore").round(4),
         "summary": tables.summary_table(configs, top=None),
         "versus_thesis": comparison.round(2),
+        "claims": claim_table.round(2),
     }
     files = [p.name for p in tables.write_csvs(out, csvs)]
     page = render_page(
@@ -234,6 +240,14 @@ def _history_panels(experiments: list[Experiment]) -> list[Panel]:
             caption=figures.CAPTIONS["history"],
             missing=f"{exp.name}: no search trial has reported yet."))
     return panels or [Panel(missing="no search experiment read.")]
+
+
+def _claims_panel(claim_table: pd.DataFrame, reasons: list[str]) -> Panel:
+    """The claims as sentences; the reasons for the claims not made as notes (or, with no
+    claim at all, as the panel's missing reason)."""
+    return Panel(html=sentence_list(list(claim_table["claim"])) if len(claim_table) else "",
+                 caption=claims.CAPTION, notes=reasons if len(claim_table) else [],
+                 missing="no claim to make: " + " ".join(reasons))
 
 
 def _summary_panel(configs: pd.DataFrame) -> Panel:

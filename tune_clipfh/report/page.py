@@ -27,6 +27,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .note { background: #fff6e5; border-left: 4px solid #e6a23c; padding: 6px 12px;
         margin: 8px 0; font-size: 14px; }
 .notes li { margin: 2px 0; }
+.sentences li { margin: 4px 0; font-size: 15px; }
 .figure { margin: 12px 0 4px; }
 .knobs { font-size: 12px; color: #555; }
 div.table { overflow-x: auto; }
@@ -95,6 +96,11 @@ def experiments_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return '<div class="note">No experiment folder was given.</div>'
     return frame_table(pd.DataFrame(rows))
+
+
+def sentence_list(items: list[str]) -> str:
+    """Plain sentences as an HTML list (escaped)."""
+    return '<ul class="sentences">' + "".join(f"<li>{_e(item)}</li>" for item in items) + "</ul>"
 
 
 def frame_table(frame: pd.DataFrame, numeric_digits: int = 2,

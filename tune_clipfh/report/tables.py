@@ -31,6 +31,7 @@ CSV files written by ``write_csvs``:
   devices its trials ran on (``device``: ``cpu`` or the GPU's name and the node's card index).
 * ``summary.csv``: the summary table (configurations ranked by validation).
 * ``versus_thesis.csv``: per version and backbone, ours against the thesis's numbers.
+* ``claims.csv``: the summary's claims, signal or seed noise (``report.claims``).
 """
 
 from __future__ import annotations
