@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from tune_clipfh.bench.evaluator import reference_rank_metrics
 from tune_clipfh.bench.harness import ProcessSampler
 from tune_clipfh.bench.input_pipeline import _timed_data_path, cuda_wait_share
 from tune_clipfh.bench.memory import driver_growth_per_trial
+from tune_clipfh.bench.search_efficiency import best_trial, best_version
 from tune_clipfh.cli import main
 from tune_clipfh.data.loader import BatchLoader
 from tune_clipfh.data.store import Augment, ImageStore
@@ -192,6 +194,16 @@ def test_parse_lines_and_cli_errors(capsys):
     assert "not a benchmark line (valid: 1-9)" in capsys.readouterr().err
 
 
+def test_line_7_selects_on_validation_and_reports_test():
+    frame = pd.DataFrame({
+        "version": ["v1", "v1", "v2", "v2", "v3"],
+        "best_val_rank1": [0.5, 0.7, 0.65, 0.65, 0.9],
+        "test_rank1": [0.20, 0.30, 0.40, 0.42, float("nan")]})  # v3: stopped, no test
+    name, val, test = best_version(frame)
+    assert (name, val, test) == ("v2", [0.65, 0.65], [0.40, 0.42])
+    assert best_trial(frame) == (0.7, 0.30)
+
+
 def test_driver_growth_slope():
     sampler = ProcessSampler()
     sampler.driver = [(float(t), 1000 + 10 * t) for t in range(100)]
@@ -205,7 +217,7 @@ def test_ray_lines_tiny(ray_session, tmp_path, capsys):
     experiment banners kept off stdout (where the table goes)."""
     settings = bench.Settings(mode="test", overhead_seconds=3.0, overhead_repeats=1,
                               concurrency_trials=2, concurrency_epochs=(1, 1), memory_trials=4,
-                              search_budget=2, search_epochs=(1, 1, 3))
+                              search_seeds=1, search_trials=2, search_epochs=(1, 1, 3))
     out = tmp_path / "bench.json"
     report = bench.run_bench([2, 5, 6, 7], settings, json_path=out, out=lambda _: None,
                              log=lambda _: None)
@@ -216,4 +228,4 @@ def test_ray_lines_tiny(ray_session, tmp_path, capsys):
     assert rows["2.ratio"]["value"] > 0 and rows["5.ratio"]["value"] > 0
     assert 0 < rows["2.worker_start"]["times"]["import_s"] <= rows["2.worker_start"]["value"]
     assert rows["6.trial_peak"]["value"] > 0
-    assert {"7.versions", "7.random", "7.tpe", "7.tpe_asha", "7.asha_saving"} <= rows.keys()
+    assert {"7.best_version", "7.best_search", "7.search_budget"} <= rows.keys()

@@ -76,7 +76,8 @@ class Settings:
     memory_trials: int = 50
     memory_epochs: tuple[int, int] = (1, 1)
     driver_growth_bound_mb: float = 2.0  # MB of driver RSS per finished trial
-    search_budget: int = 24
+    search_seeds: int = 3  # line 7: seeds of the versions and of the search
+    search_trials: int = 5  # per search seed: half the ten versions' compute, ASHA aside
     search_epochs: tuple[int, int, int] = (2, 8, 3)  # prompt, image, early-stop patience
     cuda_batch: int = 64
     cuda_steps: int = 10
@@ -89,7 +90,7 @@ QUICK = Settings(
     mode="quick", eval_loop_queries=1000, eval_repeats=3, overhead_repeats=1, pipeline_epochs=3,
     pipeline_store_images=256, pipeline_repeats=10, pipeline_steps=20, pipeline_cuda_repeats=2,
     prompt_epochs=3, concurrency_trials=2,
-    concurrency_epochs=(1, 3), memory_trials=10, search_budget=4, search_epochs=(1, 2, 3),
+    concurrency_epochs=(1, 3), memory_trials=10, search_seeds=1, search_trials=2, search_epochs=(1, 2, 3),
     cuda_steps=5, cuda_warmup=2, lr_transfer_steps=2)
 
 
