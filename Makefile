@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 ## test: set up, then run the whole test suite (slow tests included)
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow or not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow or not slow" --durations=25
 
 ## test-fast: the suite without the tests marked slow
 test-fast: $(STAMP)

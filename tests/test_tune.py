@@ -337,9 +337,10 @@ def test_default_space_overlays():
         params("full", "vitb16")
     assert (tiny_rn50["unfreeze_blocks"].low, tiny_rn50["unfreeze_blocks"].high) == (1, 4)
     assert full_rn50["unfreeze_blocks"].high == 4 and full_vit["unfreeze_blocks"].high == 12
-    # tiny random-init models get wider rates than fine-tuning pretrained CLIP
-    assert tiny_rn50["lr_visual"].high > full_rn50["lr_visual"].high
-    assert tiny_rn50["lr_visual"].log and tiny_rn50["lr_visual"].type == "float"
+    # the tiny profile keeps the full rates (tiny_lr_scale maps them) and narrows pad-crop to
+    # its 64-px images
+    assert tiny_rn50["lr_visual"] == full_rn50["lr_visual"] != full_vit["lr_visual"]
+    assert (tiny_rn50["aug_pad_crop"].high, full_rn50["aug_pad_crop"].high) == (6, 16)
     assert load_space(profile="tiny", backbone="rn50").base["epochs_image"] == 8
     assert load_space(profile="full", backbone="rn50").base["epochs_image"] == 30
     # the order of the parameters (and so which conditions are "earlier") is the base file's

@@ -54,7 +54,7 @@ EXPECTED = {
         v10 y adamw cosine   batch 1e-4 7e-5 5e-6 1e-4 30 0.4  y y 3e-4 last_n 4 y 0.5
     """,
 }
-TINY_OVERLAY = {"profile": ("full", "tiny"), "pretrained": ("openai", "none"),
+TINY_OVERLAY = {"profile": ("full", "tiny"), "pretrained": ("openai", "synthetic"),
                 "epochs_prompt": (30, 3), "epochs_image": (30, 8), "early_stop_patience": (5, 3)}
 
 
