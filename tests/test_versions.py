@@ -15,6 +15,7 @@ from tune_clipfh.tune.versions import (
     VERSIONS_FILE,
     format_versions,
     load_versions,
+    scaled_to_overlay,
     version_config,
 )
 
@@ -136,14 +137,29 @@ def test_only_vit_v7_v8_v10_were_not_run_by_the_thesis(full):
     assert not_run == {("vitb16", "v7"), ("vitb16", "v8"), ("vitb16", "v10")}
 
 
-def test_tiny_profile_changes_only_the_knobs_it_names(full, tiny):
+def test_tiny_profile_changes_only_the_knobs_it_names_and_its_warm_ups(full, tiny):
+    """The overlay's knobs, plus the warm-ups shortened with the stages they are counted in
+    (8 of 30 image epochs, 3 of 30 prompt epochs)."""
     for backbone, versions in full.items():
         for version, item in versions.items():
             small = tiny[backbone][version]
             changed = {k: (v, small.knobs[k]) for k, v in item.knobs.items()
                        if small.knobs[k] != v}
+            warm_ups = {k: changed.pop(k) for k in ("warmup_epochs", "prompt_warmup_epochs")
+                        if k in changed}
             assert changed == TINY_OVERLAY, f"{backbone} {version}"
-            assert small.delta == item.delta
+            assert warm_ups.get("prompt_warmup_epochs") == (1.0, 0.1)
+            image = item.knobs["warmup_epochs"]
+            assert small.knobs["warmup_epochs"] == pytest.approx(image * 8 / 30, abs=1e-3)
+            assert small.delta.keys() == item.delta.keys()
+
+
+def test_an_overlay_scales_step_milestones_only_under_a_step_schedule():
+    values = {"epochs_image": 30, "scheduler": "step", "step_milestones": [10, 20, 25],
+              "warmup_epochs": 0.0}
+    assert scaled_to_overlay(values, {"epochs_image": 6}) == {"step_milestones": [2, 4, 5]}
+    assert scaled_to_overlay({**values, "scheduler": "cosine"}, {"epochs_image": 6}) == {}
+    assert scaled_to_overlay(values, {"epochs_image": 6, "step_milestones": [3]}) == {}
 
 
 def test_tiny_versions_fit_the_tiny_text_tower(tiny):

@@ -42,6 +42,11 @@ RESERVED_KNOBS = {"model": "the backbone section names the model",
 # Upstream aliases of id_head that build_config derives from it: left out of the resolved knobs
 # so that an override of id_head does not contradict them.
 DERIVED_KNOBS = ("use_arcface", "loss_use_arcface")
+# Knobs counted in a stage's epochs: a profile overlay that shortens the stage (the tiny
+# profile's 8 image epochs for the stated 30) shortens them in proportion, so that a 5-epoch
+# warm-up does not take 5 of 8 epochs.
+EPOCH_COUNTED = {"epochs_image": ("warmup_epochs", "step_milestones"),
+                 "epochs_prompt": ("prompt_warmup_epochs",)}
 FORMATS = ("table", "yaml", "json")
 TABLE_WIDTH = 100
 
@@ -223,7 +228,7 @@ def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str
             stated |= set(entries[ancestor]["set"])
         added = _added_knobs(additions or [], values, stated - set(common))
         values.update(added)
-        values.update(overlay)
+        values.update({**scaled_to_overlay(values, overlay), **overlay})
         config = build_config(values, f"{path} [{backbone} {version}]").config
         knobs = {key: value for key, value in config.to_dict().items()
                  if key not in IGNORED_UPSTREAM_KEYS and key not in DERIVED_KNOBS}
@@ -237,6 +242,27 @@ def _resolve_backbone(path: Path, backbone: str, versions: Any, common: dict[str
                                             {k: knobs[k] for k in added})
         previous = knobs
     return resolved
+
+
+def scaled_to_overlay(values: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """The epoch-counted knobs of ``values`` (EPOCH_COUNTED) rescaled to the stage lengths the
+    overlay sets; knobs the overlay sets itself are left to it."""
+    defaults = RunConfig()
+    scaled: dict[str, Any] = {}
+    for stage_epochs, knobs in EPOCH_COUNTED.items():
+        if stage_epochs not in overlay:
+            continue
+        ratio = overlay[stage_epochs] / values.get(stage_epochs, getattr(defaults, stage_epochs))
+        for knob in knobs:
+            value = values.get(knob, getattr(defaults, knob))
+            in_effect = knob != "step_milestones" or values.get("scheduler") == "step"
+            if knob in overlay or not value or not in_effect:
+                continue
+            if isinstance(value, list):  # milestones: whole epochs, increasing, >= 1
+                scaled[knob] = sorted({max(1, round(v * ratio)) for v in value})
+            else:
+                scaled[knob] = round(value * ratio, 3)
+    return scaled
 
 
 def _lineage(path: Path, backbone: str, entries: dict[str, dict[str, Any]],
