@@ -196,7 +196,7 @@ def test_parse_lines_and_cli_errors(capsys):
 
 def test_line_7_selects_on_validation_and_reports_test():
     frame = pd.DataFrame({
-        "version": ["v1", "v1", "v2", "v2", "v3"],
+        "config/version": ["v1", "v1", "v2", "v2", "v3"],  # as load_results names it
         "best_val_rank1": [0.5, 0.7, 0.65, 0.65, 0.9],
         "test_rank1": [0.20, 0.30, 0.40, 0.42, float("nan")]})  # v3: stopped, no test
     name, val, test = best_version(frame)

@@ -31,9 +31,9 @@ def best_version(frame) -> tuple[str, list[float], list[float]]:
     """The version with the best mean validation Rank-1: its name, validation and test Rank-1
     per seed (fractions)."""
     tested = frame[frame["test_rank1"].notna()]
-    means = tested.groupby("version")["best_val_rank1"].mean()
+    means = tested.groupby("config/version")["best_val_rank1"].mean()
     name = str(means.idxmax())
-    rows = tested[tested["version"] == name]
+    rows = tested[tested["config/version"] == name]
     return name, rows["best_val_rank1"].tolist(), rows["test_rank1"].tolist()
 
 
@@ -73,14 +73,14 @@ def search_efficiency(ctx: Context) -> list[Row]:
     version_mean, version_std = _mean_std(version_tests)
     search_mean, search_std = _mean_std(search_tests)
     setting = (f"tiny {BACKBONE}, {prompt}+{image} epochs (patience {patience}), "
-               f"{versions['version'].nunique()} versions x {seeds} seeds")
+               f"{versions['config/version'].nunique()} versions x {seeds} seeds")
     return [
-        make_row(7, "best_version", f"search: best version's test Rank-1 ({name}, mean of "
-                 f"{seeds} seeds)", 100 * version_mean, "%", None,
+        make_row(7, "best_version", f"search: best version's test Rank-1 ({name}, mean over "
+                 f"seeds: {seeds})", 100 * version_mean, "%", None,
                  f"± {100 * version_std:.1f} over seeds; chosen by mean validation Rank-1; "
                  f"{setting}", {"std": 100 * version_std}),
         make_row(7, "best_search", f"search: TPE+ASHA best configuration's test Rank-1 (mean "
-                 f"of {seeds} search seeds)", 100 * search_mean, "%",
+                 f"over search seeds: {seeds})", 100 * search_mean, "%",
                  (">=", round(100 * version_mean, 2)),
                  f"± {100 * search_std:.1f} over search seeds (per seed: "
                  f"{', '.join(f'{100 * t:.1f}' for t in search_tests)}); {trials} trials each, "
