@@ -55,8 +55,7 @@ EXPECTED = {
         v10 y adamw cosine   batch 1e-4 7e-5 5e-6 1e-4 30 0.4  y y 3e-4 last_n 4 y 0.5
     """,
 }
-TINY_OVERLAY = {"profile": ("full", "tiny"), "pretrained": ("openai", "synthetic"),
-                "epochs_prompt": (30, 3), "epochs_image": (30, 8), "early_stop_patience": (5, 3)}
+TINY_OVERLAY = {"profile": ("full", "tiny"), "pretrained": ("openai", "synthetic")}
 
 
 def _expected_rows(backbone):
@@ -137,21 +136,28 @@ def test_only_vit_v7_v8_v10_were_not_run_by_the_thesis(full):
     assert not_run == {("vitb16", "v7"), ("vitb16", "v8"), ("vitb16", "v10")}
 
 
-def test_tiny_profile_changes_only_the_knobs_it_names_and_its_warm_ups(full, tiny):
-    """The overlay's knobs, plus the warm-ups shortened with the stages they are counted in
-    (8 of 30 image epochs, 3 of 30 prompt epochs)."""
+def test_tiny_profile_changes_only_the_knobs_it_names(full, tiny):
     for backbone, versions in full.items():
         for version, item in versions.items():
             small = tiny[backbone][version]
             changed = {k: (v, small.knobs[k]) for k, v in item.knobs.items()
                        if small.knobs[k] != v}
-            warm_ups = {k: changed.pop(k) for k in ("warmup_epochs", "prompt_warmup_epochs")
-                        if k in changed}
             assert changed == TINY_OVERLAY, f"{backbone} {version}"
-            assert warm_ups.get("prompt_warmup_epochs") == (1.0, 0.1)
-            image = item.knobs["warmup_epochs"]
-            assert small.knobs["warmup_epochs"] == pytest.approx(image * 8 / 30, abs=1e-3)
-            assert small.delta.keys() == item.delta.keys()
+            assert small.delta == item.delta
+
+
+def test_shortened_stages_shorten_their_warm_ups(full):
+    """8 of the stated 30 image epochs take 5 x 8/30 warm-up epochs, not 5 of 8."""
+    from tune_clipfh.tune.experiment import fixed_trials
+
+    short = {"epochs_prompt": 3, "epochs_image": 8}
+    for item, knobs in zip(full["rn50"].values(),
+                           fixed_trials(["rn50"], None, "full", short), strict=True):
+        assert knobs["warmup_epochs"] == pytest.approx(item.knobs["warmup_epochs"] * 8 / 30,
+                                                       abs=1e-3)
+        assert knobs["prompt_warmup_epochs"] == pytest.approx(
+            item.knobs["prompt_warmup_epochs"] * 3 / 30, abs=1e-3)
+    assert fixed_trials(["rn50"], ["v1"], "full", short)[0]["warmup_epochs"] > 0
 
 
 def test_an_overlay_scales_step_milestones_only_under_a_step_schedule():

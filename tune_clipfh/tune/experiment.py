@@ -37,7 +37,7 @@ from .gpus import AUTO, plan_gpus, ray_probe
 from .progress import TrialProgress, trial_folder_name
 from .space import SearchSpace, load_space
 from .trainable import META_KEYS, clipfh_trainable
-from .versions import VERSIONS_AS_RUN_FILE, VERSIONS_FILE, load_versions
+from .versions import VERSIONS_AS_RUN_FILE, VERSIONS_FILE, load_versions, scaled_to_overlay
 
 OBJECTIVES = {"rank1": ["best_val_rank1"], "mAP": ["best_val_mAP"],
               "both": ["best_val_rank1", "best_val_mAP"]}
@@ -233,7 +233,9 @@ def fixed_trials(backbones: list[str], versions: list[str] | None, profile: str,
                 raise ConfigError(f"--versions: {version!r} is not defined for {backbone} "
                                   f"(valid: {', '.join(resolved)})")
             item = resolved[version]
-            knobs = {**item.knobs, **overrides, "experiment": f"{backbone}-{version}"}
+            # an override of a stage's length shortens its warm-ups with it, as overlays do
+            knobs = {**item.knobs, **scaled_to_overlay(item.knobs, overrides), **overrides,
+                     "experiment": f"{backbone}-{version}"}
             build_config(knobs, f"{backbone} {version}")  # fail before Ray starts
             trials.append({"version": version, "backbone": backbone, "kind": "fixed",
                            "behaviour": "as_run" if as_run else "correct",

@@ -42,8 +42,8 @@ RESERVED_KNOBS = {"model": "the backbone section names the model",
 # Upstream aliases of id_head that build_config derives from it: left out of the resolved knobs
 # so that an override of id_head does not contradict them.
 DERIVED_KNOBS = ("use_arcface", "loss_use_arcface")
-# Knobs counted in a stage's epochs: a profile overlay that shortens the stage (the tiny
-# profile's 8 image epochs for the stated 30) shortens them in proportion, so that a 5-epoch
+# Knobs counted in a stage's epochs: an overlay or override that shortens the stage (the
+# demo's 8 image epochs for the stated 30) shortens them in proportion, so that a 5-epoch
 # warm-up does not take 5 of 8 epochs.
 EPOCH_COUNTED = {"epochs_image": ("warmup_epochs", "step_milestones"),
                  "epochs_prompt": ("prompt_warmup_epochs",)}
