@@ -26,6 +26,7 @@ from tune_clipfh.errors import UserError
 from tune_clipfh.evaluation import UPSTREAM_COLUMNS
 from tune_clipfh.report import REFERENCE_CSV, build_report, claims, figures, tables
 from tune_clipfh.report.data import (
+    MIN_IMPORTANCE_TRIALS,
     load_experiment,
     load_zero_shot,
     param_importances,
@@ -297,8 +298,15 @@ def test_importance_of_the_real_search_has_both_evaluators_or_says_why(loaded):
     read, _, _, _ = loaded
     searched = next(e for e in read if e.kind == "search")
     values, notes = param_importances(searched.study)
-    assert "PED-ANOVA" in values
-    assert "fANOVA" in values or any("scikit-learn" in n for n in notes)
+    complete = [t for t in searched.study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    # how many trials ASHA lets finish depends on timing (a loaded machine prunes more)
+    if len(complete) < MIN_IMPORTANCE_TRIALS:
+        assert values == {} and "needs at least" in notes[0], notes
+        return
+    assert "PED-ANOVA" in values, notes
+    assert "fANOVA" in values or any("scikit-learn" in n or "could not run" in n
+                                     for n in notes), notes
 
 
 def test_protocol_check_compares_only_real_11k_dorsal_r_in_the_full_profile(tmp_path):
