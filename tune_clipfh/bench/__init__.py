@@ -19,8 +19,9 @@ Lines (``--only 1,3`` selects some):
 5. Concurrency: two 1-CPU trials at once against one 2-CPU trial after the other.
 6. Memory: peak RSS of one tiny trial and of the Ray driver during a search, and the driver's
    growth per finished trial.
-7. Search efficiency: best validation Rank-1 and compute of the ten fixed versions, random
-   search, TPE, and TPE + ASHA on the same budget; compute ASHA saves at equal best result.
+7. Search efficiency: the test Rank-1 of the best version (chosen on validation, over seeds)
+   against TPE + ASHA warm-started with the versions (over search seeds), and the search's
+   compute against the versions'.
 8. CUDA (skipped on CPU): stage-2 training-step images/s at 224 px, batch 64, bf16 AMP vs fp32,
    with model FLOP utilisation; feature-extraction images/s.
 9. Learning-rate transfer: the relative weight change per epoch of the full and the tiny image
@@ -28,8 +29,9 @@ Lines (``--only 1,3`` selects some):
 
 One module per line returns its rows (:mod:`.evaluator`, :mod:`.tune_overhead`,
 :mod:`.input_pipeline`, :mod:`.prompt_cache`, :mod:`.concurrency`, :mod:`.memory`,
-:mod:`.search_efficiency`, :mod:`.cuda`, :mod:`.lr_transfer`), all on one shared :mod:`.harness` (settings, rows and
-targets, timing, RSS sampling, the run context, table and JSON); :mod:`.runner` holds the line
+:mod:`.search_efficiency`, :mod:`.cuda`, :mod:`.lr_transfer`), all on one shared
+:mod:`.harness` (settings, rows and targets, timing, RSS sampling, the run context, table and
+JSON); :mod:`.runner` holds the line
 registry and :func:`run_bench`, which runs the selected lines (Ray started once, on first need,
 with storage in a temporary folder), prints an aligned table and writes JSON.
 """

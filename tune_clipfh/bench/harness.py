@@ -90,8 +90,8 @@ QUICK = Settings(
     mode="quick", eval_loop_queries=1000, eval_repeats=3, overhead_repeats=1, pipeline_epochs=3,
     pipeline_store_images=256, pipeline_repeats=10, pipeline_steps=20, pipeline_cuda_repeats=2,
     prompt_epochs=3, concurrency_trials=2,
-    concurrency_epochs=(1, 3), memory_trials=10, search_seeds=1, search_trials=2, search_epochs=(1, 2, 3),
-    cuda_steps=5, cuda_warmup=2, lr_transfer_steps=2)
+    concurrency_epochs=(1, 3), memory_trials=10, search_seeds=1, search_trials=2,
+    search_epochs=(1, 2, 3), cuda_steps=5, cuda_warmup=2, lr_transfer_steps=2)
 
 
 @dataclass

@@ -55,7 +55,8 @@ def parse_lines(text: str | None) -> list[int]:
         if not part.isdigit() or int(part) not in LINES:
             from ..errors import UserError
 
-            raise UserError(f"--only: {part!r} is not a benchmark line (valid: {min(LINES)}-{max(LINES)})")
+            raise UserError(f"--only: {part!r} is not a benchmark line "
+                            f"(valid: {min(LINES)}-{max(LINES)})")
         chosen.append(int(part))
     return sorted(set(chosen))
 
