@@ -79,6 +79,7 @@ class Settings:
     search_seeds: int = 3  # line 7: seeds of the versions and of the search
     search_trials: int = 5  # per search seed: half the ten versions' compute, ASHA aside
     search_epochs: tuple[int, int, int] = (2, 8, 3)  # prompt, image, early-stop patience
+    search_versions: tuple[str, ...] | None = None  # line 7's hand-tuned versions; None: all
     cuda_batch: int = 64
     cuda_steps: int = 10
     cuda_warmup: int = 3

@@ -1,8 +1,8 @@
 """Line 7, search efficiency: does TPE + ASHA, on at most half the versions' compute, find a
 configuration at least as good as the best hand-tuned version? Measured with seeds.
 
-* The versions: v1-v10 of one backbone (tiny profile, ``pretrained: synthetic``), each with
-  ``search_seeds`` seeds. The best version is the one with the highest mean best validation
+* The versions: v1-v10 of one backbone (tiny profile, ``pretrained: synthetic``; a test may
+  take fewer, ``search_versions``), each with ``search_seeds`` seeds. The best version is the one with the highest mean best validation
   Rank-1 (selection never looks at the test); its test Rank-1 is reported as mean ± std over
   its seeds.
 * The search: TPE + ASHA, warm-started with the versions' measured results (their knobs are
@@ -53,8 +53,10 @@ def search_efficiency(ctx: Context) -> list[Row]:
     epochs = {"epochs_prompt": prompt, "epochs_image": image, "early_stop_patience": patience,
               "device": "cpu"}
     ctx.ensure_ray()
-    seconds, versions_path = timed(lambda: reproduce([BACKBONE], None, ctx.options(
-        "versions", max_concurrent=2, seeds=seeds, overrides=dict(epochs))))
+    chosen = ctx.settings.search_versions
+    seconds, versions_path = timed(lambda: reproduce(
+        [BACKBONE], list(chosen) if chosen else None,
+        ctx.options("versions", max_concurrent=2, seeds=seeds, overrides=dict(epochs))))
     ctx.log(f"[bench] line 7: versions x {seeds} seeds done in {seconds:.0f}s")
     versions = load_results(versions_path)
     versions_seconds = float(versions["time_total_s"].sum()) / seeds
