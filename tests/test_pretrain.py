@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import platform
 
 import numpy as np
 import open_clip
@@ -203,9 +204,11 @@ def test_pretrain_builds_once_then_reuses_and_force_rebuilds(tmp_path):
     path = pretrain("rn50", tmp_path, progress=False, recipe=TINY, log=lines.append)
     assert path.is_file() and path.with_suffix(".json").is_file() and len(lines) == 1
     assert "pretraining the tiny rn50" in lines[0] and str(path) in lines[0]
-    # built in a child process with the pinned numerics, whatever this machine's CPU
+    # built in a child process with the pinned numerics, whatever this x86-64 machine's CPU
     record = json.loads(path.with_suffix(".json").read_text())
-    assert (record["cpu_capability"], record["torch_threads"]) == ("AVX2", BUILD_THREADS)
+    assert record["torch_threads"] == BUILD_THREADS
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert record["cpu_capability"] == "AVX2"
     stamp = path.stat().st_mtime_ns
     assert pretrain("rn50", tmp_path, progress=False, recipe=TINY, log=lines.append) == path
     assert len(lines) == 1 and path.stat().st_mtime_ns == stamp
