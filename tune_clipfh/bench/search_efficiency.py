@@ -2,9 +2,9 @@
 configuration at least as good as the best hand-tuned version? Measured with seeds.
 
 * The versions: v1-v10 of one backbone (tiny profile, ``pretrained: synthetic``; a test may
-  take fewer, ``search_versions``), each with ``search_seeds`` seeds. The best version is the one with the highest mean best validation
-  Rank-1 (selection never looks at the test); its test Rank-1 is reported as mean ± std over
-  its seeds.
+  take fewer, ``search_versions``), each with ``search_seeds`` seeds. The best version is the
+  one with the highest mean best validation Rank-1 (selection never looks at the test); its
+  test Rank-1 is reported as mean ± std over its seeds.
 * The search: TPE + ASHA, warm-started with the versions' measured results (their knobs are
   known points, not rerun), once per search seed (the sampler's and the trials' seed). Its
   budget is ``search_trials`` trials; the row reports the trial-seconds it used against the

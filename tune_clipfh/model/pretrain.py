@@ -273,15 +273,14 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 def pretrain_model(arch: str, recipe: Recipe, seed: int, progress: bool = False,
-                   device: torch.device | str = "cpu",
                    ) -> tuple[open_clip.CLIP, list[float], Corpus]:
-    """Build the corpus and pretrain a fresh ``arch`` model on it (no cache)."""
+    """Build the corpus and pretrain a fresh ``arch`` model on it on the CPU (no cache)."""
     image_size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
     corpus = build_corpus(recipe, seed, image_size, progress)
     model = create_model(arch, seed)
     losses = train_contrastive(model, open_clip.get_tokenizer(arch), corpus, recipe, seed,
-                               device, progress)
-    return model.cpu(), losses, corpus
+                               progress=progress)
+    return model, losses, corpus
 
 
 def cache_key(arch: str, recipe: Recipe, seed: int) -> str:
@@ -315,9 +314,9 @@ def pretrain(backbone_key: str, cache_dir: str | os.PathLike | None = None, seed
     with _lock(path):
         if path.is_file() and not force:  # another process built it while we waited
             return path
-        log(f"[model] pretraining the tiny {backbone_key} ({backbone_spec(backbone_key).tiny_arch})"
-            f" on synthetic captioned hands ({recipe.identities} identities, {recipe.steps} "
-            f"steps), once; cached as {path}")
+        arch = backbone_spec(backbone_key).tiny_arch
+        log(f"[model] pretraining the tiny {backbone_key} ({arch}) on synthetic captioned hands "
+            f"({recipe.identities} identities, {recipe.steps} steps), once; cached as {path}")
         job = {"backbone": backbone_key, "seed": seed, "recipe": dataclasses.asdict(recipe),
                "path": str(path), "progress": progress}
         done = subprocess.run([sys.executable, "-m", __name__, json.dumps(job)],
@@ -330,7 +329,6 @@ def pretrain(backbone_key: str, cache_dir: str | os.PathLike | None = None, seed
 
 def _build(backbone_key: str, seed: int, recipe: Recipe, path: Path, progress: bool) -> None:
     """Pretrain on the CPU and write the weights and their record (in the pinned child)."""
-    torch.set_num_threads(BUILD_THREADS)
     arch = backbone_spec(backbone_key).tiny_arch
     started = time.perf_counter()
     model, losses, corpus = pretrain_model(arch, recipe, seed, progress)
