@@ -62,15 +62,17 @@ def test_captions_name_what_was_drawn():
     drawn = attributes(tone="very fair", ring_finger="little", ring_colour="blue", nail_polish=1,
                        accessories=1, rotation=-9.0)
     assert caption(drawn) == ("the back of a very fair right hand, a blue ring on the little "
-                              "finger, red nails")
-    assert caption(drawn, CAPTION_FIELDS[:6]) == caption(drawn) + ", a bracelet, tilted up"
+                              "finger, red nails, three moles")
+    assert caption(drawn, CAPTION_FIELDS) == (caption(drawn, CAPTION_FIELDS[:4])
+                                              + ", a bracelet, tilted up, three moles")
     assert caption(attributes(rotation=9.0), ("tilt",)) == "a hand, tilted down"
     assert caption(attributes(rotation=2.0), ("tilt",)) == "a hand, level"
     palm = caption(attributes(aspect="palmar left", nail_polish=1))
     assert palm.startswith("the palm of a fair left hand") and "nails" not in palm
-    # the default says only what every image of the hand shares
-    assert caption(attributes(accessories=1, rotation=9.0, moles=4)) == caption(attributes())
+    # the default says only what every image of the hand (and aspect) shares
+    assert caption(attributes(accessories=1, rotation=9.0)) == caption(attributes())
     assert caption(attributes(), ("tone", "marks")) == "a fair hand, three moles"
+    assert caption(attributes(moles=1), ("marks",)) == "a hand, one mole"
     with pytest.raises(ValueError, match="sleeve"):
         caption(attributes(), ("tone", "sleeve"))
 

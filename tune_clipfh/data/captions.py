@@ -4,14 +4,16 @@ They stand in for the web captions CLIP was pretrained on, so that the tiny text
 words too (:mod:`tune_clipfh.model.pretrain`). Design:
 
 * Captions name coarse, visible attributes: skin tone, the view (back or palm, left or right),
-  the ring (colour and finger), the nails; on request also what changes from image to image
-  (a bracelet, the tilt) and the mole count. Hand geometry and where the marks are are left to
-  fine-tuning, which learns them from identity labels.
-* The default fields are the identity-level ones: a caption then says what stays the same
-  across a person's images, so image features learn to ignore the tilt and the bracelet as
-  re-identification needs. Measured on the tiny RN50 (zero-shot test Rank-1 on the embedded
-  default, see :mod:`tune_clipfh.model.pretrain`): 24.7 % with the default fields, 22.1 % with
-  bracelet and tilt added.
+  the ring (colour and finger), the nails, the number of moles; on request also what changes
+  from image to image (a bracelet, the tilt). Hand geometry and where the moles are are left
+  to fine-tuning, which learns them from identity labels.
+* The default fields are the identity-level ones (a hand keeps its moles on each aspect): a
+  caption then says what stays the same across a person's images, so image features learn to
+  ignore the tilt and the bracelet as re-identification needs. Measured on the tiny RN50
+  (zero-shot test Rank-1 over the embedded default's 80 test identities, 400 pretraining
+  steps, seed 0, see :mod:`tune_clipfh.model.pretrain`): 14.6 % without the mole count, 18.9 %
+  with it (188 and 468 distinct captions); earlier, on 40 test identities, adding bracelet and
+  tilt took 24.7 % to 22.1 %.
 * One fixed template per field, joined in `CAPTION_FIELDS` order: short enough for the tiny
   text context of 32 tokens (the longest caption is checked in the tests).
 """
@@ -24,7 +26,7 @@ from .synth import HandAttributes
 
 CAPTION_FIELDS = ("tone", "view", "ring", "nails", "bracelet", "tilt", "marks")
 """Every field a caption can name, in the order they are written."""
-DEFAULT_CAPTION_FIELDS = ("tone", "view", "ring", "nails")
+DEFAULT_CAPTION_FIELDS = ("tone", "view", "ring", "nails", "marks")
 """The identity-level fields: the same caption for every image of one hand and aspect."""
 TILT_DEGREES = 5.0
 """A rotation beyond this many degrees is written as a tilt; within it, as level."""
@@ -33,7 +35,8 @@ _COUNTS = ("no", "one", "two", "three", "four", "five", "six")
 
 def caption(drawn: HandAttributes, fields: Sequence[str] = DEFAULT_CAPTION_FIELDS) -> str:
     """One short English caption of an image, e.g. ``the back of a fair right hand, a gold ring
-    on the index finger, red nails`` (``, a bracelet, tilted up`` with those fields)."""
+    on the index finger, red nails, two moles`` (``, a bracelet, tilted up`` with those
+    fields)."""
     unknown = [f for f in fields if f not in CAPTION_FIELDS]
     if unknown:
         raise ValueError(f"caption fields {unknown} are not valid "
@@ -55,7 +58,8 @@ def caption(drawn: HandAttributes, fields: Sequence[str] = DEFAULT_CAPTION_FIELD
     if "tilt" in fields:
         parts.append(_tilt(drawn.rotation))
     if "marks" in fields:
-        parts.append(f"{_COUNTS[min(drawn.moles, len(_COUNTS) - 1)]} moles")
+        count = min(drawn.moles, len(_COUNTS) - 1)
+        parts.append(f"{_COUNTS[count]} mole{'' if count == 1 else 's'}")
     return ", ".join(parts)
 
 
