@@ -78,7 +78,9 @@ class Settings:
     driver_growth_bound_mb: float = 2.0  # MB of driver RSS per finished trial
     search_seeds: int = 3  # line 7: seeds of the versions and of the search
     search_trials: int = 5  # per search seed: half the ten versions' compute, ASHA aside
-    search_epochs: tuple[int, int, int] = (2, 8, 3)  # prompt, image, early-stop patience
+    # line 7's prompt and image epochs and early-stop patience; None: the stated schedules
+    # (30 + 30, patience 5; shorter ones end inside the tiny models' validation plateau)
+    search_epochs: tuple[int, int, int] | None = None
     search_versions: tuple[str, ...] | None = None  # line 7's hand-tuned versions; None: all
     cuda_batch: int = 64
     cuda_steps: int = 10

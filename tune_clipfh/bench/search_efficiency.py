@@ -49,9 +49,12 @@ def search_efficiency(ctx: Context) -> list[Row]:
     from ..tune.results import load_results
 
     seeds, trials = ctx.settings.search_seeds, ctx.settings.search_trials
-    prompt, image, patience = ctx.settings.search_epochs
-    epochs = {"epochs_prompt": prompt, "epochs_image": image, "early_stop_patience": patience,
-              "device": "cpu"}
+    epochs = {"device": "cpu"}
+    schedule = "stated schedules"
+    if ctx.settings.search_epochs:
+        prompt, image, patience = ctx.settings.search_epochs
+        epochs.update(epochs_prompt=prompt, epochs_image=image, early_stop_patience=patience)
+        schedule = f"{prompt}+{image} epochs (patience {patience})"
     ctx.ensure_ray()
     chosen = ctx.settings.search_versions
     seconds, versions_path = timed(lambda: reproduce(
@@ -74,7 +77,7 @@ def search_efficiency(ctx: Context) -> list[Row]:
     stopped = sum(int((f["status"] == "stopped_by_scheduler").sum()) for f, _, _ in searches)
     version_mean, version_std = _mean_std(version_tests)
     search_mean, search_std = _mean_std(search_tests)
-    setting = (f"tiny {BACKBONE}, {prompt}+{image} epochs (patience {patience}), "
+    setting = (f"tiny {BACKBONE}, {schedule}, "
                f"{versions['config/version'].nunique()} versions x {seeds} seeds")
     return [
         make_row(7, "best_version", f"search: best version's test Rank-1 ({name}, mean over "
