@@ -11,9 +11,9 @@ words too (:mod:`tune_clipfh.model.pretrain`). Design:
   caption then says what stays the same across a person's images, so image features learn to
   ignore the tilt and the bracelet as re-identification needs. Measured on the tiny RN50
   (zero-shot test Rank-1 over the embedded default's 80 test identities, 400 pretraining
-  steps, seed 0, see :mod:`tune_clipfh.model.pretrain`): 14.6 % without the mole count, 18.9 %
-  with it (188 and 468 distinct captions); earlier, on 40 test identities, adding bracelet and
-  tilt took 24.7 % to 22.1 %.
+  steps, seed 0, unpinned builds, see :mod:`tune_clipfh.model.pretrain`): 14.6 % without the
+  mole count, 18.9 % with it (188 and 468 distinct captions); earlier, on 40 test identities,
+  adding bracelet and tilt took 24.7 % to 22.1 %.
 * One fixed template per field, joined in `CAPTION_FIELDS` order: short enough for the tiny
   text context of 32 tokens (the longest caption is checked in the tests).
 """

@@ -129,9 +129,9 @@ RECIPES: dict[str, Recipe] = {
     # Zero-shot test Rank-1 on the embedded default rose with the steps: 400 -> 18.9 %, 600 ->
     # 31.0 % (seed 0; seeds 1 and 2 gave 19.5 and 23.8 %). 600 steps fit the 3 minutes.
     "rn50": Recipe(steps=600, warmup_steps=60),
-    # The tiny ViT's loss stays near 2.85 whatever the steps (480 or 720), rate (3e-4 or 1e-3)
-    # or mole count in the captions (7.0 % zero-shot without it, 6.4 % with it): its weights
-    # stay those of the four-field captions.
+    # The tiny ViT's loss stays near 2.85 whatever the steps (480 or 720), rate (3e-4, 1e-3 or
+    # 3e-3) or mole count in the captions (7.0 % zero-shot without it, 6.4 % with it): its
+    # weights stay those of the four-field captions.
     "vitb16": Recipe(steps=480, warmup_steps=48, caption_fields=("tone", "view", "ring", "nails")),
     "vitl14": Recipe(),  # not measured: its 24 blocks take about twice the tiny ViT-B's time
 }
