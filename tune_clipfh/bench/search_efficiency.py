@@ -49,17 +49,17 @@ def search_efficiency(ctx: Context) -> list[Row]:
     from ..tune.results import load_results
 
     seeds, trials = ctx.settings.search_seeds, ctx.settings.search_trials
-    epochs = {"device": "cpu"}
+    overrides = {"device": "cpu"}
     schedule = "stated schedules"
     if ctx.settings.search_epochs:
         prompt, image, patience = ctx.settings.search_epochs
-        epochs.update(epochs_prompt=prompt, epochs_image=image, early_stop_patience=patience)
+        overrides.update(epochs_prompt=prompt, epochs_image=image, early_stop_patience=patience)
         schedule = f"{prompt}+{image} epochs (patience {patience})"
     ctx.ensure_ray()
     chosen = ctx.settings.search_versions
     seconds, versions_path = timed(lambda: reproduce(
         [BACKBONE], list(chosen) if chosen else None,
-        ctx.options("versions", max_concurrent=2, seeds=seeds, overrides=dict(epochs))))
+        ctx.options("versions", max_concurrent=2, seeds=seeds, overrides=dict(overrides))))
     ctx.log(f"[bench] line 7: versions x {seeds} seeds done in {seconds:.0f}s")
     versions = load_results(versions_path)
     versions_seconds = float(versions["time_total_s"].sum()) / seeds
@@ -68,7 +68,7 @@ def search_efficiency(ctx: Context) -> list[Row]:
     for seed in range(seeds):
         seconds, path = timed(lambda seed=seed: search(
             None, trials, "rank1", BACKBONE, str(versions_path), ctx.options(
-                f"search-seed{seed}", max_concurrent=2, overrides={**epochs, "seed": seed})))
+                f"search-seed{seed}", max_concurrent=2, overrides={**overrides, "seed": seed})))
         frame = load_results(path)
         searches.append((frame, *best_trial(frame)))
         ctx.log(f"[bench] line 7: search seed {seed} done in {seconds:.0f}s")
