@@ -70,7 +70,7 @@ from tune_clipfh.tune.progress import trial_label
 from tune_clipfh.tune.results import load_results
 
 from handinfo_csv import COLUMNS, dorsal_right_files, read_rows, write_rows
-from tune_helpers import rows_reported, tune_lines, wait_for
+from tune_helpers import one_trial_done_another_checkpointed, rows_reported, tune_lines, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tune_clipfh"
@@ -976,14 +976,8 @@ def test_resume_after_an_interruption_gives_the_same_trials_and_results(
             *[arg for key, value in KILL_OVERRIDES.items() for arg in ("--set", f"{key}={value}")]]
     proc = drivers.start(argv, log)
     try:
-        def first_done_second_checkpointed():
-            done = tune_lines(log, " done: ")
-            if not done:
-                return False
-            first = done[0].split()[1]
-            return any(line.split()[1] != first for line in tune_lines(log, " image epoch 2:"))
-
-        assert wait_for(first_done_second_checkpointed, 240, proc), log.read_text()[-4000:]
+        reached = wait_for(lambda: one_trial_done_another_checkpointed(log), 240, proc)
+        assert reached, log.read_text()[-4000:]
         if how == "SIGKILL":
             _kill_everything(proc)
             assert proc.returncode == -signal.SIGKILL

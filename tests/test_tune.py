@@ -48,7 +48,7 @@ from tune_clipfh.tune.results import experiment_meta, load_results
 from tune_clipfh.tune.space import load_space
 from tune_clipfh.tune.versions import load_versions
 
-from tune_helpers import rows_reported, tune_lines, wait_for
+from tune_helpers import one_trial_done_another_checkpointed, rows_reported, wait_for
 
 # Every trial: one prompt epoch and three image epochs (5 reports with the final row).
 QUICK = {"epochs_prompt": 1, "epochs_image": 3, "early_stop_patience": 3}
@@ -402,14 +402,8 @@ def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_pat
     try:
         # One trial done, the next one past its first checkpoint (iteration 2), then SIGINT to
         # the driver alone (Ray's processes share its group and must see no signal).
-        def first_done_second_checkpointed():
-            done = tune_lines(log, " done: ")
-            if not done:
-                return False
-            first = done[0].split()[1]
-            return any(line.split()[1] != first for line in tune_lines(log, " image epoch 2:"))
-
-        assert wait_for(first_done_second_checkpointed, 240, proc), log.read_text()
+        reached = wait_for(lambda: one_trial_done_another_checkpointed(log), 240, proc)
+        assert reached, log.read_text()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
     finally:

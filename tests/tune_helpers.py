@@ -37,3 +37,13 @@ def rows_reported(trial_dir: Path) -> list[dict]:
     """Every row a trial reported, from its ``result.json``."""
     return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()
             if line.strip()]
+
+
+def one_trial_done_another_checkpointed(log: Path) -> bool:
+    """The driver logged one trial done and another trial past image epoch 2, so at least its
+    first checkpoint: the moment the interruption tests stop a driver."""
+    done = tune_lines(log, " done: ")
+    if not done:
+        return False
+    first = done[0].split()[1]
+    return any(line.split()[1] != first for line in tune_lines(log, " image epoch 2:"))
