@@ -230,3 +230,4 @@ def test_ray_lines_tiny(ray_session, tmp_path, capsys):
     assert 0 < rows["2.worker_start"]["times"]["import_s"] <= rows["2.worker_start"]["value"]
     assert rows["6.trial_peak"]["value"] > 0
     assert {"7.best_version", "7.best_search", "7.search_budget"} <= rows.keys()
+    assert "noise unknown (one seed)" in rows["7.best_search"]["note"]  # one search seed
