@@ -131,7 +131,8 @@ RECIPES: dict[str, Recipe] = {
     "rn50": Recipe(steps=600, warmup_steps=60),
     # The tiny ViT's loss stays near 2.85 whatever the steps (480 or 720), rate (3e-4, 1e-3 or
     # 3e-3) or mole count in the captions (7.0 % zero-shot without it, 6.4 % with it): its
-    # weights stay those of the four-field captions.
+    # weights stay those of the four-field captions. Its twelve blocks do not learn to read a
+    # ring even supervised (docs/usage.md, "The miniature: what is missing").
     "vitb16": Recipe(steps=480, warmup_steps=48, caption_fields=("tone", "view", "ring", "nails")),
     "vitl14": Recipe(),  # not measured: its 24 blocks take about twice the tiny ViT-B's time
 }
