@@ -55,7 +55,8 @@ EXPECTED = {
         v10 y adamw cosine   batch 1e-4 7e-5 5e-6 1e-4 30 0.4  y y 3e-4 last_n 4 y 0.5
     """,
 }
-TINY_OVERLAY = {"profile": ("full", "tiny"), "pretrained": ("openai", "synthetic")}
+TINY_OVERLAY = {"profile": ("full", "tiny"), "pretrained": ("openai", "synthetic"),
+                "early_stop_patience": (5, 0)}
 
 
 def _expected_rows(backbone):
