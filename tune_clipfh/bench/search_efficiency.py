@@ -54,10 +54,9 @@ def search_efficiency(ctx: Context) -> list[Row]:
     overrides = {"device": "cpu"}
     schedule = "stated schedules"
     if ctx.settings.search_epochs:
-        prompt, image, patience = ctx.settings.search_epochs
-        overrides.update(epochs_prompt=prompt, epochs_image=image, early_stop_patience=patience)
-        # the search samples its own early_stop_patience (beyond_v10.yaml) over this one
-        schedule = f"{prompt}+{image} epochs (the versions' patience {patience})"
+        prompt, image = ctx.settings.search_epochs
+        overrides.update(epochs_prompt=prompt, epochs_image=image)
+        schedule = f"{prompt}+{image} epochs"
     ctx.ensure_ray()
     chosen = ctx.settings.search_versions
     seconds, versions_path = timed(lambda: reproduce(
