@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import stat
+import statistics
 import subprocess
 import sys
 import time
@@ -1125,8 +1126,12 @@ parameters:
 """
 LOAD_TRIALS = 200
 LOAD_WARMUP_TRIALS = 20
+LOAD_WINDOW_TRIALS = 20
 LOAD_RSS_GROWTH_BOUND_MB = 150
-"""Bound on the driver's RSS growth from trial 20 to trial 200. The driver legitimately keeps
+"""Bound on the driver's RSS growth from trials 20-40 to trials 180-200 (the median RSS while
+each window's trials finish: the end of the run, when the driver summarises the experiment,
+and allocator spikes are not growth; a single-sample peak once read +172 MB where the
+steady growth was under half that). The driver legitimately keeps
 one Trial object per trial (its config, last result of ~150 metrics and their running
 statistics) while Optuna keeps the study in its SQLite file: measured +64 MB over those 180
 trials (~0.35 MB each; ~945 MB after 20 trials, torch + Ray + Optuna loaded) on 2 cores.
@@ -1173,12 +1178,16 @@ def test_search_of_200_trials_completes_with_bounded_driver_memory(small_data, t
     assert (frame["final"] == 1).all() and (frame["status"] == "completed").all()
     assert frame["test_rank1"].between(0, 1).all()
 
-    after_warmup = [rss for _, done, rss in samples if done >= LOAD_WARMUP_TRIALS]
-    assert len(after_warmup) >= 10, samples
-    base, peak = after_warmup[0], max(after_warmup)
-    report = (f"{LOAD_TRIALS} trials in {wall:.0f}s; driver RSS {base:.0f} MB after "
-              f"{LOAD_WARMUP_TRIALS} trials, peak {peak:.0f} MB (+{peak - base:.0f} MB, bound "
-              f"{LOAD_RSS_GROWTH_BOUND_MB} MB); overall peak {max(s[2] for s in samples):.0f} MB")
+    def window(first: int) -> list[float]:
+        return [rss for _, done, rss in samples if first <= done < first + LOAD_WINDOW_TRIALS]
+
+    early, late = window(LOAD_WARMUP_TRIALS), window(LOAD_TRIALS - LOAD_WINDOW_TRIALS)
+    assert len(early) >= 3 and len(late) >= 3, samples
+    base, end = statistics.median(early), statistics.median(late)
+    report = (f"{LOAD_TRIALS} trials in {wall:.0f}s; driver RSS (median) {base:.0f} MB over "
+              f"trials {LOAD_WARMUP_TRIALS}-{LOAD_WARMUP_TRIALS + LOAD_WINDOW_TRIALS}, "
+              f"{end:.0f} MB over the last {LOAD_WINDOW_TRIALS} (+{end - base:.0f} MB, bound "
+              f"{LOAD_RSS_GROWTH_BOUND_MB} MB); peak {max(s[2] for s in samples):.0f} MB")
     print(report)
     (tmp_path / "load_report.txt").write_text(report + "\n")
-    assert peak - base < LOAD_RSS_GROWTH_BOUND_MB, report
+    assert end - base < LOAD_RSS_GROWTH_BOUND_MB, report
