@@ -342,8 +342,11 @@ def test_default_space_overlays():
     assert tiny_rn50["lr_visual"] == full_rn50["lr_visual"] != full_vit["lr_visual"]
     assert (tiny_rn50["aug_pad_crop"].high, full_rn50["aug_pad_crop"].high) == (6, 16)
     assert load_space(profile="tiny", backbone="rn50").base["epochs_image"] == 30
+    # the tiny profile's base fixes early stopping (off): not searched there, searched in full
+    assert "early_stop_patience" not in tiny_rn50 and "early_stop_patience" in full_rn50
+    assert load_space(profile="tiny", backbone="rn50").base["early_stop_patience"] == 0
     # the order of the parameters (and so which conditions are "earlier") is the base file's
-    assert list(tiny_rn50) == list(full_vit)
+    assert list(tiny_rn50) == [name for name in full_vit if name != "early_stop_patience"]
 
 
 def test_conditional_parameters_and_points():

@@ -327,8 +327,7 @@ DEMO_CONFIG = resource_path("configs", "tiny_synthetic.yaml")
 DEMO_SCHEDULE = {"epochs_prompt": 3, "epochs_image": 8}
 """The demo's short schedule for its 28 trials (warm-ups shorten with it): it shows every part
 in minutes; on it the versions stay near their zero-shot level (docs/usage.md). Early stopping
-is the tiny profile's (off), for versions and search alike, so the search's warm start finds
-the versions' measured points inside its space."""
+is the tiny profile's (off), for versions and search alike."""
 
 
 def build_parser() -> argparse.ArgumentParser:

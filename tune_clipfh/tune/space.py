@@ -2,7 +2,8 @@
 
 A parameter may carry ``when: {earlier_param: value | [values]}``; it is sampled only when the
 condition holds (ArcFace scale/margin only with the ArcFace head, ...), otherwise the knob keeps
-its base value. Profile and backbone overlays replace whole parameter definitions.
+its base value. Profile and backbone overlays replace whole parameter definitions; a knob an
+overlay's ``base`` sets is fixed there: it is no longer searched.
 """
 
 from __future__ import annotations
@@ -153,7 +154,10 @@ def load_space(path: str | Path | None = None, profile: str = "full",
     # Backbone first, then profile: a profile's ranges (tiny: train from scratch) win.
     for section, key in (("backbones", backbone), ("profiles", profile)):
         overlay = (data.get(section) or {}).get(key) or {}
-        base.update(overlay.get("base") or {})
+        fixed = overlay.get("base") or {}
+        base.update(fixed)
+        for name in fixed:
+            specs.pop(name, None)
         for name, spec in (overlay.get("parameters") or {}).items():
             if name not in specs:
                 raise ConfigError(f"{source}: {section}.{key}.parameters '{name}' overrides no "
