@@ -26,6 +26,7 @@ from tune_clipfh.config import ConfigError, build_config
 from tune_clipfh.errors import UserError
 from tune_clipfh.model.registry import BACKBONES
 from tune_clipfh.tune import experiment
+from tune_clipfh.tune.budget import TrialSecondsBudget
 from tune_clipfh.tune.defaults import ASHA_GRACE, ASHA_REDUCTION
 from tune_clipfh.tune.experiment import (
     ExperimentOptions,
@@ -33,6 +34,7 @@ from tune_clipfh.tune.experiment import (
     fixed_trials,
     reproduce,
     search,
+    trial_seconds_budget,
     version_points,
 )
 from tune_clipfh.tune.gpus import (
@@ -231,6 +233,46 @@ def test_scheduler_stopped_trials_enter_the_study_as_pruned(multi):
     assert crashed.state == optuna.trial.TrialState.FAIL
 
 
+def test_the_searcher_starts_no_trial_past_its_budget():
+    """With a budget the searcher answers FINISHED once the next trial would not fit."""
+    searcher = FinalRowOptunaSearch.create(
+        space=lambda trial: trial.suggest_float("lr_visual", 1e-5, 1e-2, log=True) and None,
+        metric="best_val_rank1", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
+        study_name="budget", storage=optuna.storages.InMemoryStorage(),
+        budget=TrialSecondsBudget(250.0, known_lengths_s=[100.0]))
+    assert "lr_visual" in searcher.suggest("a") and "lr_visual" in searcher.suggest("b")
+    assert searcher.suggest("c") == FinalRowOptunaSearch.FINISHED  # 2 x 100 committed + 100
+    row = {"best_val_rank1": 0.5, "final": 1, "status": "completed", "time_total_s": 100.0,
+           "training_iteration": 3}
+    searcher.on_trial_result("a", {**row, "final": 0, "time_total_s": 60.0})
+    assert searcher.budget.spent_s() == 60.0
+    searcher.on_trial_complete("a", row)
+    assert searcher.budget.known_lengths_s == [100.0, 100.0]
+    assert searcher.budget.running == {"b"}
+
+
+def test_search_budget_from_a_reproduce_experiment(repro):
+    repro_path, frame = repro
+    vit = frame[frame["config/backbone"] == "vitb16"]
+    budget = trial_seconds_budget(None, 0.5, str(repro_path), "vitb16")
+    # half the ViT versions' trial-seconds of one seed; each version a known trial length
+    assert budget.limit_s == pytest.approx(0.5 * vit["time_total_s"].sum())
+    assert sorted(budget.known_lengths_s) == sorted(vit["time_total_s"].tolist())
+    with pytest.raises(UserError, match="shorter than one trial"):
+        trial_seconds_budget(0.01, None, str(repro_path), "vitb16")
+
+
+@pytest.mark.parametrize("seconds, share, source, expected", [
+    (10.0, 0.5, "x", "give one of them"),
+    (None, 0.5, None, "--budget-share needs --from-experiment"),
+    (-1.0, None, None, "--budget-trial-seconds -1.0: must be positive"),
+    (None, 0.5, "/nonexistent/repro", "--from-experiment /nonexistent/repro: folder does not"),
+])
+def test_search_budget_errors(seconds, share, source, expected):
+    with pytest.raises(UserError, match=expected):
+        trial_seconds_budget(seconds, share, source, "vitb16")
+
+
 def test_search_warm_starts_from_a_reproduce_experiment(repro, tmp_path):
     repro_path, repro_frame = repro
     space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
@@ -275,6 +317,12 @@ parameters:
     study = _study(path)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert [t.values for t in study.trials] == [[0.0], [0.0]]
+    # A budget spent by the first trial ends the search there, before its --num-samples.
+    path = search(str(space_file), 4, "rank1", "vitb16", None,
+                  ExperimentOptions(name="budget", storage=str(tmp_path / "ray"),
+                                    max_concurrent=1), budget_trial_seconds=1e-6)
+    assert len(load_results(path)) == 1
+    assert experiment_meta(path)["budget_trial_seconds"] == 1e-6
 
 
 # ------------------------------------------------------------------------------------------

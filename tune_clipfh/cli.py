@@ -195,7 +195,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     path = search(args.space, args.num_samples, args.objective, args.backbone,
                   args.from_experiment, _experiment_options(args),
                   asha_grace=args.asha_grace, asha_reduction=args.asha_reduction,
-                  sampler=args.sampler)
+                  sampler=args.sampler, budget_trial_seconds=args.budget_trial_seconds,
+                  budget_share=args.budget_share)
     return _finish_experiment(path, started, "search")
 
 
@@ -429,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--from-experiment", help="a reproduce experiment whose measured "
                         "versions warm-start the study")
     search.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    search.add_argument("--budget-trial-seconds", type=float, metavar="SECONDS",
+                        help="compute budget, in trial-seconds: no trial starts that would not "
+                        "fit in it (the search ends at this or --num-samples, whichever first)")
+    search.add_argument("--budget-share", type=float, metavar="FRACTION",
+                        help="the budget as a share of --from-experiment's trial-seconds per "
+                        "seed of this backbone (0.5: half the versions' compute)")
     search.add_argument("--asha-grace", type=int, default=ASHA_GRACE,
                         help="ASHA grace period in reported epochs (default: %(default)s)")
     search.add_argument("--asha-reduction", type=int, default=ASHA_REDUCTION,

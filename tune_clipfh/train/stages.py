@@ -44,6 +44,7 @@ from .parts import ReIDModel
 from .precision import Precision, autocast_dtype
 
 STATUSES = ("completed", "early_stopped", "diverged")
+RAN_TO_END = ("completed", "early_stopped")  # a diverged run ends before its schedule does
 
 
 @dataclass

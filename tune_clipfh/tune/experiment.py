@@ -26,15 +26,19 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from ..config import AS_RUN_SWITCHES, ConfigError, build_config
 from ..data.prepared import identity_set_for, load_prepared, resolve_data_dir
 from ..errors import UserError
 from ..model.registry import BACKBONES, backbone_spec
+from ..train.stages import RAN_TO_END
+from .budget import TrialSecondsBudget
 from .defaults import ASHA_GRACE, ASHA_REDUCTION
 from .gpus import AUTO, plan_gpus, ray_probe
 from .progress import TrialProgress, trial_folder_name
+from .results import load_results
 from .space import SearchSpace, load_space
 from .trainable import META_KEYS, clipfh_trainable
 from .versions import VERSIONS_AS_RUN_FILE, VERSIONS_FILE, load_versions, scaled_to_overlay
@@ -322,21 +326,49 @@ def _fit_experiment(options: ExperimentOptions, storage: str, name: str,
 
 
 class FinalRowOptunaSearch(OptunaSearch):
-    """An OptunaSearch that records scheduler-stopped trials as PRUNED.
+    """An OptunaSearch that records scheduler-stopped trials as PRUNED, and starts no trial
+    past its trial-seconds budget (when given one).
 
     OptunaSearch tells Optuna the last reported row; a trial stopped early by ASHA would enter
     the study as COMPLETE with under-trained metrics (anchors 3.3, pitfall 2). Only trials that
     reached their final row (``final == 1``) count as COMPLETE.
     """
 
+    budget: TrialSecondsBudget | None = None
+
     @classmethod
-    def create(cls, **kwargs) -> FinalRowOptunaSearch:
-        return cls(**kwargs)
+    def create(cls, budget: TrialSecondsBudget | None = None, **kwargs) -> FinalRowOptunaSearch:
+        searcher = cls(**kwargs)
+        searcher.budget = budget  # saved and restored with the searcher's state on --resume
+        return searcher
+
+    def suggest(self, trial_id):
+        if self.budget is not None and not self.budget.allows_new_trial():
+            _stderr(f"[search] trial-seconds budget reached ({self.budget.summary()}): no new "
+                    f"trials")
+            return Searcher.FINISHED
+        suggestion = super().suggest(trial_id)
+        if self.budget is not None and isinstance(suggestion, dict):
+            self.budget.started(trial_id)
+        return suggestion
+
+    def on_trial_result(self, trial_id, result):
+        if self.budget is not None and "time_total_s" in result:
+            self.budget.reported(trial_id, result["time_total_s"])
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
+        if self.budget is not None:
+            self.budget.ended(trial_id, (result or {}).get("time_total_s"),
+                              not error and ran_to_end(result or {}))
         if result is not None and not result.get("final"):
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def ran_to_end(result: dict[str, Any]) -> bool:
+    """A trial's last row says it trained to its end (its schedule or its early stopping)."""
+    return bool(result.get("final")) and result.get("status") in RAN_TO_END
 
 
 def make_sampler(kind: str, seed: int):
@@ -351,12 +383,19 @@ def make_sampler(kind: str, seed: int):
 def search(space_path: str | None, num_samples: int, objective: str, backbone: str,
            from_experiment: str | None, options: ExperimentOptions, *,
            asha_grace: int = ASHA_GRACE, asha_reduction: int = ASHA_REDUCTION,
-           warm_start: bool = True, sampler: str = "tpe", asha: bool = True) -> Path:
+           warm_start: bool = True, sampler: str = "tpe", asha: bool = True,
+           budget_trial_seconds: float | None = None,
+           budget_share: float | None = None) -> Path:
     """Optuna search on VALIDATION metrics, warm-started with the versions, ASHA early stop
-    (``asha=False``: every trial runs to its own end; the benchmark's baseline)."""
+    (``asha=False``: every trial runs to its own end; the benchmark's baseline). It ends after
+    ``num_samples`` trials or, with a budget (see :func:`trial_seconds_budget`), when the next
+    trial would not fit in it, whichever comes first."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective: {objective!r} is not valid (valid: "
                           f"{', '.join(OBJECTIVES)})")
+    # on --resume the searcher's saved state carries the budget and what it has spent
+    budget = None if options.resume else trial_seconds_budget(
+        budget_trial_seconds, budget_share, from_experiment, backbone)
     space = load_space(space_path, profile=options.profile, backbone=backbone)
     storage, name = _storage_and_name(options, "search")
     path = Path(storage) / name
@@ -388,7 +427,7 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
         space=space.sample, metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=points or None,
         sampler=optuna_sampler, study_name=name,
-        storage=optuna.storages.RDBStorage(study_url))
+        storage=optuna.storages.RDBStorage(study_url), budget=budget)
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=metrics[-1], mode="max",
                               grace_period=asha_grace, reduction_factor=asha_reduction,
                               max_t=10_000) if asha else None
@@ -396,10 +435,51 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
         options, storage, name, base, shared, gpus,
         {"kind": "search", "backbone": backbone, "objective": objective, "metrics": metrics,
          "num_samples": num_samples, "space": space.source, "optuna_storage": study_url,
+         "budget_trial_seconds": budget.limit_s if budget else None,
          "study_name": name},
         tune_config=_tune_config(search_alg=searcher, scheduler=scheduler,
                                  num_samples=num_samples,
                                  max_concurrent_trials=options.max_concurrent or 2))
+
+
+def trial_seconds_budget(seconds: float | None, share: float | None,
+                         from_experiment: str | None, backbone: str) -> TrialSecondsBudget | None:
+    """The search's budget: ``seconds`` of trial time, or ``share`` of the trial-seconds per seed
+    that ``from_experiment``'s trials of ``backbone`` took (0.5: half the versions' compute). The
+    versions there that trained to their end give the expected length of a trial."""
+    if seconds is not None and share is not None:
+        raise UserError("--budget-trial-seconds and --budget-share: give one of them")
+    if seconds is None and share is None:
+        return None
+    if share is not None and not from_experiment:
+        raise UserError("--budget-share needs --from-experiment: the share is of that "
+                        "experiment's trial-seconds")
+    for flag, value in (("--budget-trial-seconds", seconds), ("--budget-share", share)):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} {value}: must be positive")
+    lengths: list[float] = []
+    if from_experiment:
+        if not Path(from_experiment).is_dir():
+            raise UserError(f"--from-experiment {from_experiment}: folder does not exist")
+        frame = load_results(from_experiment)
+        versions = frame[frame["config/backbone"] == backbone] \
+            if "config/backbone" in frame else frame.iloc[:0]
+        if share is not None:
+            if versions.empty:
+                raise UserError(f"--budget-share: {from_experiment} has no {backbone} trials "
+                                f"to take a share of")
+            seconds = share * float(versions["time_total_s"].sum()) / versions["seed"].nunique()
+        lengths = [float(row["time_total_s"]) for row in versions.to_dict("records")
+                   if ran_to_end(row)]
+    budget = TrialSecondsBudget(float(seconds), known_lengths_s=lengths)
+    if not budget.allows_new_trial():
+        raise UserError(f"search budget of {budget.limit_s:.0f} trial-s: shorter than one trial "
+                        f"({budget.expected_s:.0f} s each in {from_experiment}); give more")
+    expected = "" if budget.expected_s is None else \
+        f"; a trial to its end took {budget.expected_s:.0f} s in {from_experiment}"
+    _stderr(f"[search] budget: {budget.limit_s:.0f} trial-s, no trial starts that would not "
+            f"fit{expected}")
+    return budget
 
 
 def space_maximum(space: SearchSpace, name: str, default: Any) -> Any:
