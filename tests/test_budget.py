@@ -16,7 +16,7 @@ def test_without_a_known_trial_length_trials_start_while_spent_is_below_the_limi
 
 
 def test_a_trial_starts_only_if_it_fits_beside_what_running_trials_still_need():
-    budget = TrialSecondsBudget(250.0, known_lengths_s=[100.0])
+    budget = TrialSecondsBudget(250.0, prior_lengths_s=[100.0])
     budget.started("a")
     budget.started("b")  # committed: 2 x 100 expected
     assert budget.committed_s() == 200.0 and not budget.allows_new_trial()
@@ -26,16 +26,19 @@ def test_a_trial_starts_only_if_it_fits_beside_what_running_trials_still_need():
     assert budget.committed_s() == 200.0 and not budget.allows_new_trial()
     # A trial the scheduler stops costs what it ran, and its length is not a trial's length.
     budget.ended("b", 50.0, ran_to_end=False)
-    assert budget.known_lengths_s == [100.0, 100.0]
+    assert budget.lengths_s == [100.0]
     assert budget.committed_s() == 150.0 and budget.allows_new_trial()  # 150 + 100 <= 250
 
 
-def test_the_expected_length_follows_the_trials_that_ran_to_their_end():
-    budget = TrialSecondsBudget(1000.0, known_lengths_s=[100.0])
+def test_the_searchs_own_trials_replace_the_warm_start_lengths_once_one_ran_to_its_end():
+    budget = TrialSecondsBudget(1000.0, prior_lengths_s=[100.0, 140.0])
+    assert budget.expected_s == 120.0
     budget.started("a")
     budget.ended("a", 300.0, ran_to_end=True)
-    assert budget.expected_s == 200.0
-    assert "300 of 1000 trial-s spent" in budget.summary()
+    budget.started("b")
+    budget.ended("b", 10.0, ran_to_end=False)  # stopped early: not a trial's length
+    assert budget.expected_s == 300.0
+    assert "310 of 1000 trial-s spent" in budget.summary()
 
 
 @pytest.mark.parametrize("limit", [0.0, -5.0, float("nan")])

@@ -239,7 +239,7 @@ def test_the_searcher_starts_no_trial_past_its_budget():
         space=lambda trial: trial.suggest_float("lr_visual", 1e-5, 1e-2, log=True) and None,
         metric="best_val_rank1", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
         study_name="budget", storage=optuna.storages.InMemoryStorage(),
-        budget=TrialSecondsBudget(250.0, known_lengths_s=[100.0]))
+        budget=TrialSecondsBudget(250.0, prior_lengths_s=[100.0]))
     assert "lr_visual" in searcher.suggest("a") and "lr_visual" in searcher.suggest("b")
     assert searcher.suggest("c") == FinalRowOptunaSearch.FINISHED  # 2 x 100 committed + 100
     row = {"best_val_rank1": 0.5, "final": 1, "status": "completed", "time_total_s": 100.0,
@@ -247,7 +247,7 @@ def test_the_searcher_starts_no_trial_past_its_budget():
     searcher.on_trial_result("a", {**row, "final": 0, "time_total_s": 60.0})
     assert searcher.budget.spent_s() == 60.0
     searcher.on_trial_complete("a", row)
-    assert searcher.budget.known_lengths_s == [100.0, 100.0]
+    assert searcher.budget.lengths_s == [100.0]
     assert searcher.budget.running == {"b"}
 
 
@@ -257,7 +257,7 @@ def test_search_budget_from_a_reproduce_experiment(repro):
     budget = trial_seconds_budget(None, 0.5, str(repro_path), "vitb16")
     # half the ViT versions' trial-seconds of one seed; each version a known trial length
     assert budget.limit_s == pytest.approx(0.5 * vit["time_total_s"].sum())
-    assert sorted(budget.known_lengths_s) == sorted(vit["time_total_s"].tolist())
+    assert sorted(budget.prior_lengths_s) == sorted(vit["time_total_s"].tolist())
     with pytest.raises(UserError, match="shorter than one trial"):
         trial_seconds_budget(0.01, None, str(repro_path), "vitb16")
 

@@ -6,10 +6,11 @@ it, a new trial starts only if it fits with room for a trial of the expected len
 
     spent + sum over running trials of max(0, expected - elapsed) + expected <= limit
 
-``expected`` is the mean length of the trials that ran to their end: those of the experiment
-the search was warm-started from (the versions) and the search's own. A trial the scheduler
-stops costs only what it ran. Until some length is known, trials start while ``spent`` is
-below the limit.
+``expected`` is the mean length of the search's own trials that ran to their end; until one
+has, that of the experiment the search was warm-started from (the versions), whose
+configurations may train faster or slower than the searched ones. A trial the scheduler stops
+costs only what it ran. Until some length is known, trials start while ``spent`` is below the
+limit.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 @dataclass
 class TrialSecondsBudget:
     limit_s: float
-    known_lengths_s: list[float] = field(default_factory=list)
-    """Lengths of trials that ran to their end (the versions', then the search's own)."""
+    prior_lengths_s: list[float] = field(default_factory=list)
+    """Lengths of the warm-start experiment's trials that ran to their end."""
+    lengths_s: list[float] = field(default_factory=list)
+    """Lengths of the search's own trials that ran to their end."""
     elapsed_s: dict[str, float] = field(default_factory=dict)
     """Every trial started so far: its latest ``time_total_s``."""
     running: set[str] = field(default_factory=set)
@@ -33,7 +36,8 @@ class TrialSecondsBudget:
 
     @property
     def expected_s(self) -> float | None:
-        return statistics.mean(self.known_lengths_s) if self.known_lengths_s else None
+        known = self.lengths_s or self.prior_lengths_s
+        return statistics.mean(known) if known else None
 
     def spent_s(self) -> float:
         return sum(self.elapsed_s.values())
@@ -61,10 +65,10 @@ class TrialSecondsBudget:
         if seconds is not None:
             self.elapsed_s[trial_id] = float(seconds)
         if ran_to_end and trial_id in self.elapsed_s:
-            self.known_lengths_s.append(self.elapsed_s[trial_id])
+            self.lengths_s.append(self.elapsed_s[trial_id])
         self.running.discard(trial_id)
 
     def summary(self) -> str:
         expected = "unknown" if self.expected_s is None else f"{self.expected_s:.0f}"
-        return (f"{self.spent_s():.0f} of {self.limit_s:.0f} trial-s spent, "
-                f"{len(self.running)} trials running, a trial to its end takes {expected} s")
+        return (f"{self.spent_s():.0f} of {self.limit_s:.0f} trial-s spent, running trials: "
+                f"{len(self.running)}, a trial to its end: {expected} s")

@@ -446,7 +446,8 @@ def trial_seconds_budget(seconds: float | None, share: float | None,
                          from_experiment: str | None, backbone: str) -> TrialSecondsBudget | None:
     """The search's budget: ``seconds`` of trial time, or ``share`` of the trial-seconds per seed
     that ``from_experiment``'s trials of ``backbone`` took (0.5: half the versions' compute). The
-    versions there that trained to their end give the expected length of a trial."""
+    versions there that trained to their end give the expected length of a trial until the
+    search's own trials do."""
     if seconds is not None and share is not None:
         raise UserError("--budget-trial-seconds and --budget-share: give one of them")
     if seconds is None and share is None:
@@ -471,7 +472,7 @@ def trial_seconds_budget(seconds: float | None, share: float | None,
             seconds = share * float(versions["time_total_s"].sum()) / versions["seed"].nunique()
         lengths = [float(row["time_total_s"]) for row in versions.to_dict("records")
                    if ran_to_end(row)]
-    budget = TrialSecondsBudget(float(seconds), known_lengths_s=lengths)
+    budget = TrialSecondsBudget(float(seconds), prior_lengths_s=lengths)
     if not budget.allows_new_trial():
         raise UserError(f"search budget of {budget.limit_s:.0f} trial-s: shorter than one trial "
                         f"({budget.expected_s:.0f} s each in {from_experiment}); give more")
