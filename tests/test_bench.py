@@ -217,8 +217,8 @@ def test_ray_lines_tiny(ray_session, tmp_path, capsys):
     experiment banners kept off stdout (where the table goes)."""
     settings = bench.Settings(mode="test", overhead_seconds=3.0, overhead_repeats=1,
                               concurrency_trials=2, concurrency_epochs=(1, 1), memory_trials=4,
-                              search_seeds=1, search_trials=2, search_epochs=(1, 1),
-                              search_versions=("v1", "v10"))
+                              search_seeds=1, search_trials=2, search_budget_share=1.0,
+                              search_epochs=(1, 1), search_versions=("v1", "v10"))
     out = tmp_path / "bench.json"
     report = bench.run_bench([2, 5, 6, 7], settings, json_path=out, out=lambda _: None,
                              log=lambda _: None)

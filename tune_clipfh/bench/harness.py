@@ -77,7 +77,8 @@ class Settings:
     memory_epochs: tuple[int, int] = (1, 1)
     driver_growth_bound_mb: float = 2.0  # MB of driver RSS per finished trial
     search_seeds: int = 3  # line 7: seeds of the versions and of the search
-    search_trials: int = 5  # per search seed: half the ten versions' compute, ASHA aside
+    search_trials: int = 20  # per search seed, at most; the budget ends it sooner
+    search_budget_share: float = 0.5  # of the versions' trial-seconds per seed (the target)
     # line 7's prompt and image epochs; None: the stated schedules (30 + 30; shorter ones end
     # before the tiny models gain). Early stopping is the tiny profile's: off
     search_epochs: tuple[int, int] | None = None

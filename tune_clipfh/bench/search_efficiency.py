@@ -7,8 +7,10 @@ configuration at least as good as the best hand-tuned version? Measured with see
   test Rank-1 is reported as mean ± std over its seeds.
 * The search: TPE + ASHA, warm-started with the versions' measured results (their knobs are
   known points, not rerun), once per search seed (the sampler's and the trials' seed). Its
-  budget is ``search_trials`` trials; the row reports the trial-seconds it used against the
-  versions' trial-seconds per seed (target: at most half). Each search's best configuration
+  budget is ``search_budget_share`` of the versions' trial-seconds per seed (``search
+  --budget-share``: no trial starts that would not fit), with ``search_trials`` trials at most;
+  the row reports the trial-seconds it used against the versions' (target: at most half).
+  Each search's best configuration
   (by best validation Rank-1) contributes its test Rank-1; the row reports mean ± std over the
   search seeds, against the best version's mean, and says whether the difference is beyond
   the seed noise by the report's rule (:func:`tune_clipfh.report.claims.compare`).
@@ -22,7 +24,7 @@ from ..report.claims import BEST_VS_BEST, Side, compare
 from .harness import Context, Row, make_row, timed
 
 BACKBONE = "rn50"  # the tiny backbone that fine-tunes well (README, "The miniature")
-BUDGET_SHARE = 0.5  # of the versions' trial-seconds (one seed), the search's allowance
+BUDGET_SHARE = 0.5  # of the versions' trial-seconds (one seed): the target's allowance
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -51,6 +53,7 @@ def search_efficiency(ctx: Context) -> list[Row]:
     from ..tune.results import load_results
 
     seeds, trials = ctx.settings.search_seeds, ctx.settings.search_trials
+    share = ctx.settings.search_budget_share
     overrides = {"device": "cpu"}
     schedule = "stated schedules"
     if ctx.settings.search_epochs:
@@ -70,7 +73,8 @@ def search_efficiency(ctx: Context) -> list[Row]:
     for seed in range(seeds):
         seconds, path = timed(lambda seed=seed: search(
             None, trials, "rank1", BACKBONE, str(versions_path), ctx.options(
-                f"search-seed{seed}", max_concurrent=2, overrides={**overrides, "seed": seed})))
+                f"search-seed{seed}", max_concurrent=2, overrides={**overrides, "seed": seed}),
+            budget_share=share))
         frame = load_results(path)
         searches.append((frame, *best_trial(frame)))
         ctx.log(f"[bench] line 7: search seed {seed} done in {seconds:.0f}s")
@@ -93,7 +97,9 @@ def search_efficiency(ctx: Context) -> list[Row]:
                  f"over search seeds: {seeds})", 100 * search_mean, "%",
                  (">=", round(100 * version_mean, 2)),
                  f"± {100 * search_std:.1f} over search seeds (per seed: "
-                 f"{', '.join(f'{100 * t:.1f}' for t in search_tests)}); {trials} trials each, "
+                 f"{', '.join(f'{100 * t:.1f}' for t in search_tests)}); "
+                 f"{'/'.join(str(len(f)) for f, _, _ in searches)} trials (budget: "
+                 f"{100 * share:.0f} % of the versions' trial-s, at most {trials} trials), "
                  f"warm-started with the versions' results; ASHA stopped {stopped} trials; "
                  f"{verdict}",
                  {"std": 100 * search_std}),
