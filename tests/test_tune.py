@@ -233,10 +233,14 @@ def test_scheduler_stopped_trials_enter_the_study_as_pruned(multi):
     assert crashed.state == optuna.trial.TrialState.FAIL
 
 
-def test_the_searcher_starts_no_trial_past_its_budget():
+def _lr_space(trial) -> None:  # module level: a searcher's saved state pickles its space
+    trial.suggest_float("lr_visual", 1e-5, 1e-2, log=True)
+
+
+def test_the_searcher_starts_no_trial_past_its_budget(tmp_path):
     """With a budget the searcher answers FINISHED once the next trial would not fit."""
     searcher = FinalRowOptunaSearch.create(
-        space=lambda trial: trial.suggest_float("lr_visual", 1e-5, 1e-2, log=True) and None,
+        space=_lr_space,
         metric="best_val_rank1", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
         study_name="budget", storage=optuna.storages.InMemoryStorage(),
         budget=TrialSecondsBudget(250.0, prior_lengths_s=[100.0]))
@@ -249,6 +253,13 @@ def test_the_searcher_starts_no_trial_past_its_budget():
     searcher.on_trial_complete("a", row)
     assert searcher.budget.lengths_s == [100.0]
     assert searcher.budget.running == {"b"}
+    # --resume restores the searcher from its saved state: what was spent stays spent
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = FinalRowOptunaSearch.create(
+        space=_lr_space, metric="best_val_rank1", mode="max", study_name="budget",
+        storage=optuna.storages.InMemoryStorage())
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.budget == searcher.budget and restored.budget.spent_s() == 100.0
 
 
 def test_search_budget_from_a_reproduce_experiment(repro):
