@@ -50,7 +50,7 @@ def best_trial(frame) -> tuple[float, float]:
 
 def search_efficiency(ctx: Context) -> list[Row]:
     from ..tune.experiment import reproduce, search
-    from ..tune.results import load_results
+    from ..tune.results import load_results, trial_seconds_per_seed
 
     seeds, trials = ctx.settings.search_seeds, ctx.settings.search_trials
     share = ctx.settings.search_budget_share
@@ -67,7 +67,7 @@ def search_efficiency(ctx: Context) -> list[Row]:
         ctx.options("versions", max_concurrent=2, seeds=seeds, overrides=dict(overrides))))
     ctx.log(f"[bench] line 7: versions x {seeds} seeds done in {seconds:.0f}s")
     versions = load_results(versions_path)
-    versions_seconds = float(versions["time_total_s"].sum()) / seeds
+    versions_seconds = trial_seconds_per_seed(versions)
     name, _, version_tests = best_version(versions)
     searches = []
     for seed in range(seeds):

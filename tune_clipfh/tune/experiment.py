@@ -38,7 +38,7 @@ from .budget import TrialSecondsBudget
 from .defaults import ASHA_GRACE, ASHA_REDUCTION
 from .gpus import AUTO, plan_gpus, ray_probe
 from .progress import TrialProgress, trial_folder_name
-from .results import load_results
+from .results import load_results, trial_seconds_per_seed
 from .space import SearchSpace, load_space
 from .trainable import META_KEYS, clipfh_trainable
 from .versions import VERSIONS_AS_RUN_FILE, VERSIONS_FILE, load_versions, scaled_to_overlay
@@ -460,16 +460,14 @@ def trial_seconds_budget(seconds: float | None, share: float | None,
             raise UserError(f"{flag} {value}: must be positive")
     lengths: list[float] = []
     if from_experiment:
-        if not Path(from_experiment).is_dir():
-            raise UserError(f"--from-experiment {from_experiment}: folder does not exist")
-        frame = load_results(from_experiment)
+        frame = load_results(experiment_folder(from_experiment))
         versions = frame[frame["config/backbone"] == backbone] \
             if "config/backbone" in frame else frame.iloc[:0]
         if share is not None:
             if versions.empty:
                 raise UserError(f"--budget-share: {from_experiment} has no {backbone} trials "
                                 f"to take a share of")
-            seconds = share * float(versions["time_total_s"].sum()) / versions["seed"].nunique()
+            seconds = share * trial_seconds_per_seed(versions)
         lengths = [float(row["time_total_s"]) for row in versions.to_dict("records")
                    if ran_to_end(row)]
     budget = TrialSecondsBudget(float(seconds), prior_lengths_s=lengths)
@@ -502,6 +500,13 @@ def version_points(space: SearchSpace, backbone: str, profile: str) -> list[dict
     return points
 
 
+def experiment_folder(path: str | Path) -> Path:
+    """``--from-experiment``'s folder, which must exist."""
+    if not Path(path).is_dir():
+        raise UserError(f"--from-experiment {path}: folder does not exist")
+    return Path(path)
+
+
 def seed_study_with_results(study_url: str, study_name: str, space: SearchSpace,
                             experiment: Path, metrics: list[str], backbone: str) -> list[dict]:
     """Add a reproduce run's measured validation results to the study as finished trials.
@@ -509,9 +514,7 @@ def seed_study_with_results(study_url: str, study_name: str, space: SearchSpace,
     (OptunaSearch's ``evaluated_rewards`` does not work with a define-by-run space, so the
     study is created first in the shared storage and OptunaSearch loads it.)
     """
-    if not experiment.is_dir():
-        raise UserError(f"--from-experiment {experiment}: folder does not exist")
-    analysis = tune.ExperimentAnalysis(str(experiment.resolve()))
+    analysis = tune.ExperimentAnalysis(str(experiment_folder(experiment).resolve()))
     study = optuna.create_study(storage=study_url, study_name=study_name,
                                 directions=["maximize"] * len(metrics), load_if_exists=True)
     added: list[dict] = []

@@ -52,6 +52,11 @@ def load_results(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def trial_seconds_per_seed(frame: pd.DataFrame) -> float:
+    """The trial-seconds (summed ``time_total_s``) an experiment's trials took per seed."""
+    return float(frame["time_total_s"].sum()) / frame["seed"].nunique()
+
+
 def summarize_experiment(path: str | Path) -> str:
     """A short text table of the experiment's trials, best first."""
     frame = load_results(path)
