@@ -14,17 +14,19 @@ import torch
 from PIL import Image
 
 from tune_clipfh.cli import main
+from tune_clipfh.config import ConfigError, build_config
 from tune_clipfh.data import _splits
 from tune_clipfh.data import store as store_module
 from tune_clipfh.data.errors import DataError
 from tune_clipfh.data.hands11k import prepare_11k
 from tune_clipfh.data.hd import prepare_hd
 from tune_clipfh.data.manifest import Sample, load_manifest, save_manifest, upstream_training_view
-from tune_clipfh.data.prepared import identity_set_for, load_prepared
+from tune_clipfh.data.prepared import check_prepared_for, identity_set_for, load_prepared
 from tune_clipfh.data.sampler import PKSampler, RandomBatchSampler
 from tune_clipfh.data.store import CLIP_MEAN, CLIP_STD, Augment, ImageStore, augment, normalize
 from tune_clipfh.data.synth import synthesize
 from tune_clipfh.errors import UserError
+from tune_clipfh.names import ASPECTS
 
 from handinfo_csv import COLUMNS, dorsal_right_files, read_rows, write_rows
 
@@ -425,9 +427,94 @@ def test_load_prepared_views_either_identity_set_over_one_store(manifest, upstre
     assert "\n" not in str(error.value)
 
 
+# --- validation folds ------------------------------------------------------------------------
+
+
+def test_validation_fold_zero_is_the_manifest_as_prepared(manifest):
+    assert _splits.validation_fold_view(manifest, 0) is manifest
+
+
+def test_validation_folds_are_disjoint_training_identities_of_the_prepared_size(manifest):
+    prepared_val = ids(manifest.val.gallery)
+    pool = ids(manifest.train) | prepared_val
+    test_ids = {i for split in manifest.test_splits for i in ids(split.query + split.gallery)}
+    count = _splits.validation_fold_count(manifest)
+    assert count == 1 + len(ids(manifest.train)) // len(prepared_val) == 3  # 4 others, 2 each
+    folds = [_splits.validation_fold_view(manifest, k) for k in range(count)]
+    val_sets = [ids(fold.val.gallery) for fold in folds]
+    for fold, val in zip(folds, val_sets, strict=True):
+        assert len(val) == len(prepared_val) and ids(fold.val.query) == val
+        assert len(fold.val.gallery) == len(val)  # one gallery image per identity
+        assert not val & test_ids and not ids(fold.train) & val
+        assert ids(fold.train) | val == pool
+        assert paths(fold.train + fold.val.query + fold.val.gallery) == paths(
+            manifest.train + manifest.val.query + manifest.val.gallery
+        )
+        assert fold.test_splits == manifest.test_splits
+    assert sum(len(val) for val in val_sets) == len(set().union(*val_sets))  # disjoint
+    assert set().union(*val_sets) <= pool
+    assert folds[1].protocol["val_fold"] == 1 and "val_fold" not in manifest.protocol
+    assert _splits.validation_fold_view(manifest, 2) == folds[2]  # deterministic
+
+
+@pytest.mark.parametrize("fold", [3, -1])
+def test_validation_fold_out_of_range_names_the_fold_and_the_valid_range(manifest, fold):
+    with pytest.raises(
+        DataError, match=rf"^m\.json: val_fold {fold} does not exist \(valid: 0 to 2"
+    ) as error:
+        _splits.validation_fold_view(manifest, fold, "m.json")
+    assert "\n" not in str(error.value)
+
+
+def test_validation_fold_of_a_manifest_without_validation_identities_is_refused(upstream_set):
+    assert _splits.validation_fold_view(upstream_set, 0) is upstream_set
+    with pytest.raises(DataError, match="val_fold 1 needs validation identities") as error:
+        _splits.validation_fold_view(upstream_set, 1, "m.json")
+    assert "\n" not in str(error.value)
+
+
+def test_negative_val_fold_is_a_config_error():
+    assert build_config({"val_fold": 2}).config.val_fold == 2
+    with pytest.raises(ConfigError, match="val_fold") as error:
+        build_config({"val_fold": -1})
+    assert "\n" not in str(error.value)
+
+
+def test_load_prepared_val_fold_validates_on_other_identities_over_one_store(manifest, tmp_path):
+    cache = str(tmp_path / "cache")
+    save_manifest(manifest, tmp_path / "prepared")
+    prepared = load_prepared(tmp_path / "prepared", 16, cache_dir=cache, progress=False)
+    fold = load_prepared(tmp_path / "prepared", 16, cache_dir=cache, progress=False, val_fold=1)
+    assert set(fold.val_ids) and not set(fold.val_ids) & set(prepared.val_ids)
+    trained = {fold.identities[label] for label in fold.train_labels}
+    assert set(prepared.val_ids) <= trained
+    assert fold.store.directory == prepared.store.directory  # one decoded store
+
+
 def test_cli_prepare_writes_the_identity_set(synth_src, tmp_path, capsys):
     assert main(["data", "prepare", "--src", str(synth_src), "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "manifest.json").read_text())["identity_set"] == "val_held_out"
+
+
+# --- the configuration's dataset and aspect against the folder's -----------------------------
+
+
+def test_a_folder_prepared_for_another_aspect_or_dataset_is_refused_before_decoding(
+        manifest, tmp_path):
+    folder, cache = tmp_path / "prepared", tmp_path / "cache"
+    save_manifest(manifest, folder)
+    for key, value, prepared in (("aspect", "palmar_r", "dorsal_r"), ("dataset", "hd", "11k")):
+        wanted = {"dataset": "11k", "aspect": "dorsal_r", key: value}
+        with pytest.raises(DataError) as error:
+            load_prepared(folder, 16, cache_dir=str(cache), progress=False, **wanted)
+        assert str(error.value) == (
+            f"data_dir {folder}: key '{key}': {value}, but the folder was prepared for "
+            f"{prepared} (set {key}: {prepared}, or prepare a folder with --{key} {value})")
+    assert not cache.exists()  # refused before the store was decoded
+    defaults = build_config({}).config  # the embedded default's dataset and aspect
+    loaded = load_prepared(folder, 16, cache_dir=str(cache), progress=False,
+                           dataset=defaults.dataset, aspect=defaults.aspect)
+    assert loaded.manifest == manifest
 
 
 # --- unpacking mistakes: one line instead of a warning per image ----------------------------
@@ -603,6 +690,15 @@ def test_hd_subjects_folder_without_images_is_refused(hd_src, tmp_path):
     assert _hd_error(src, tmp_path / "out").startswith(
         f"{src / 'Original Images' / '1-501'} holds no images: expected the HD layout"
     )
+
+
+def test_an_hd_folder_checks_the_dataset_and_has_no_aspect_to_check(hd_src, tmp_path):
+    manifest = prepare_hd(hd_src, tmp_path, progress=False)
+    for aspect in ASPECTS:
+        check_prepared_for(manifest, "hd", aspect, tmp_path)
+    with pytest.raises(DataError, match=r"key 'dataset': 11k, but the folder was prepared for hd "
+                                        r"\(set dataset: hd,"):
+        check_prepared_for(manifest, "11k", "dorsal_r", tmp_path)
 
 
 # --- image store and transforms -------------------------------------------------------------

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from tune_clipfh.bench.evaluator import reference_rank_metrics
 from tune_clipfh.evaluation import (
     UPSTREAM_COLUMNS,
     evaluate_splits,
+    expected_rank1,
     flip_average,
     pairwise_distance,
     rank_metrics,
@@ -28,22 +30,6 @@ HAND_DISTANCE = np.array([
 ])
 HAND_QUERY_IDS = ["a", "b", "c"]
 HAND_GALLERY_IDS = ["a", "b", "a", "c"]
-
-
-def reference_metrics(distance, query_ids, gallery_ids):
-    """Per-query loop of torchreid's eval_market1501 without camera filtering, plus mINP."""
-    order = np.argsort(distance, axis=1)
-    matches = (gallery_ids[order] == query_ids[:, None]).astype(np.int64)
-    curves, average_precisions, inverse_penalties = [], [], []
-    for row in matches:
-        if not row.any():
-            continue
-        hits_so_far = row.cumsum()
-        curves.append(np.minimum(hits_so_far, 1))
-        precision = hits_so_far / np.arange(1, len(row) + 1)
-        average_precisions.append((precision * row).sum() / row.sum())
-        inverse_penalties.append(row.sum() / (np.flatnonzero(row).max() + 1))
-    return np.mean(curves, axis=0), np.mean(average_precisions), np.mean(inverse_penalties)
 
 
 def single_positive_distance(rank, num_gallery=6):
@@ -85,15 +71,15 @@ def test_matches_bruteforce_reference(num_query, num_gallery, num_ids):
     distance = rng.random((num_query, num_gallery))  # continuous: no ties
     query_ids = rng.integers(0, num_ids, num_query)
     gallery_ids = rng.integers(0, num_ids, num_gallery)
-    expected_cmc, expected_map, expected_minp = reference_metrics(distance, query_ids, gallery_ids)
+    expected = reference_rank_metrics(distance, query_ids, gallery_ids)
 
     result = rank_metrics(distance, query_ids, gallery_ids)
 
-    np.testing.assert_allclose(result["cmc"], expected_cmc, atol=1e-6)
-    assert result["mAP"] == pytest.approx(expected_map, abs=1e-6)
-    assert result["mINP"] == pytest.approx(expected_minp, abs=1e-6)
+    np.testing.assert_allclose(result["cmc"], expected["cmc"], atol=1e-6)
+    assert result["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    assert result["mINP"] == pytest.approx(expected["mINP"], abs=1e-6)
     for k in (1, 5, 10):
-        assert result[f"rank{k}"] == pytest.approx(expected_cmc[k - 1], abs=1e-6)
+        assert result[f"rank{k}"] == pytest.approx(expected["cmc"][k - 1], abs=1e-6)
 
 
 def test_ties_rank_lower_gallery_index_first():
@@ -295,3 +281,48 @@ def test_upstream_table_row():
     assert (row["split2_R1"], row["split2_R5"], row["split2_mAP"]) == (33.33, 100.0, 66.67)
     assert (row["final_R1"], row["final_mAP"]) == (66.67, 83.33)
     assert row["split3_R1"] is None  # only two splits evaluated
+
+
+# ------------------------------------------------------------------------------------------
+# Expected Rank-1 over every gallery draw
+
+
+def test_expected_rank1_by_hand():
+    """Two identities on a line: a = {0, 1}, b = {3, 1.5}. Query 0 (positive 1): b's images
+    are farther (3, 1.5 > 1): e = 0, hit. Query 1 (positive 0, distance 1): b's 1.5 is at 0.5,
+    closer: e = 1/2. Query 3 (positive 1.5, distance 1.5): a's 1 is at 2, a's 0 at 3: e = 0.
+    Query 1.5 (positive 3, distance 1.5): a's 1 at 0.5 and a's 0 at 1.5 (a tie: half):
+    e = 3/4. With N = 2: R1 = mean(1, 1/2, 1, 1/4) = 0.6875."""
+    features = torch.tensor([[0.0], [1.0], [3.0], [1.5]])
+    ids = ["a", "a", "b", "b"]
+    assert expected_rank1(features, ids, 2, metric="euclidean") == pytest.approx(0.6875)
+    # three impostors drawn like the one: each factor cubed
+    assert expected_rank1(features, ids, 4, metric="euclidean") == \
+        pytest.approx((1 + 0.5**3 + 1 + 0.25**3) / 4)
+
+
+def test_expected_rank1_is_the_mean_split_rank1_over_gallery_draws():
+    rng = np.random.default_rng(0)
+    identities, images = 12, 5
+    labels = np.repeat(np.arange(identities), images)
+    features = rng.normal(size=(identities, 16))[labels] + 1.2 * rng.normal(size=(len(labels), 16))
+    ids = labels.astype(str)
+    draws = []
+    for _ in range(1500):
+        gallery = [rng.integers(images) + k * images for k in range(identities)]
+        query = np.setdiff1d(np.arange(len(labels)), gallery)
+        draws.append(rank_metrics_from_features(features[query], features[gallery], ids[query],
+                                                ids[gallery])["rank1"])
+    expected = expected_rank1(features, ids, identities)
+    assert abs(expected - np.mean(draws)) < 4 * np.std(draws) / np.sqrt(len(draws))
+    # a larger gallery is harder; perfect separation stays perfect
+    assert expected_rank1(features, ids, 80) < expected
+    separated = np.eye(identities)[labels] * 10 + 0.01 * rng.normal(size=(len(labels), 12))
+    assert expected_rank1(separated, ids, 500) == pytest.approx(1.0)
+
+
+def test_expected_rank1_errors():
+    with pytest.raises(ValueError, match="at least 2"):
+        expected_rank1(np.zeros((4, 2)), ["a", "a", "b", "b"], 1)
+    with pytest.raises(ValueError, match="two identities"):
+        expected_rank1(np.ones((3, 2)), ["a", "a", "a"], 5)

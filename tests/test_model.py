@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hub_constants
 from open_clip.modified_resnet import ModifiedResNet
-from torch import nn
 
 from tune_clipfh.model.backbone import (
     TEXT_TOWER,
@@ -19,7 +18,6 @@ from tune_clipfh.model.backbone import (
     configure_text_trainable,
     configure_visual_trainable,
     create_backbone,
-    trainable_parameters_report,
 )
 from tune_clipfh.model.heads import BNNeck, LinearHead, ReIDHead
 from tune_clipfh.model.prompt import PromptLearner, aspect_phrase
@@ -183,16 +181,6 @@ def test_text_tower_is_frozen_unless_configured(tiny_vit):
     assert not tiny_vit.clip.logit_scale.requires_grad
     assert configure_text_trainable(tiny_vit, False) == []
     assert not any(p.requires_grad for p in text)
-
-
-def test_trainable_parameters_report_groups_the_towers(tiny_vit):
-    configure_visual_trainable(tiny_vit, 2, mode="last_n_blocks")
-    model = nn.ModuleDict({"backbone": tiny_vit, "head": ReIDHead(tiny_vit.embed_dim, 3)})
-    report = trainable_parameters_report(model)
-    assert set(report) == {"visual", "text", "logit_scale", "head"}
-    last_two = sum(p.numel() for b in tiny_vit.visual_blocks[-2:] for p in b.parameters())
-    assert report["visual"]["trainable"] == last_two < report["visual"]["total"]
-    assert report["text"]["trainable"] == 0
 
 
 # --- pretrained weights ---------------------------------------------------------------------

@@ -56,18 +56,15 @@ from tune_clipfh.data.manifest import load_manifest
 from tune_clipfh.data.synth import synthesize
 from tune_clipfh.model.backbone import create_backbone
 from tune_clipfh.train import run as run_module
-from tune_clipfh.tune import experiment
+from tune_clipfh.tune import ray_session
 from tune_clipfh.tune.experiment import (
-    AUTH_MODE_VAR,
-    TOKEN_PATH_VAR,
-    TOKEN_VAR,
     ExperimentOptions,
     fixed_trials,
-    init_ray,
     reproduce,
     run_fixed_trials,
 )
 from tune_clipfh.tune.progress import trial_label
+from tune_clipfh.tune.ray_session import AUTH_MODE_VAR, TOKEN_PATH_VAR, TOKEN_VAR, init_ray
 from tune_clipfh.tune.results import load_results
 
 from handinfo_csv import COLUMNS, dorsal_right_files, read_rows, write_rows
@@ -716,8 +713,8 @@ def test_a_local_cluster_gets_token_auth_with_a_private_token_file(monkeypatch, 
     assert len(token.read_text()) == 64 and _mode(token) == 0o600
     assert _mode(token.parent) == 0o700
     if sys.platform.startswith("linux"):
-        assert calls[-1][0]["_node_ip_address"] == experiment.LOCAL_NODE_IP
-        assert ipaddress.ip_address(experiment.LOCAL_NODE_IP).is_loopback
+        assert calls[-1][0]["_node_ip_address"] == ray_session.LOCAL_NODE_IP
+        assert ipaddress.ip_address(ray_session.LOCAL_NODE_IP).is_loopback
 
     # A token file others can read is made private; its token is kept.
     secret = token.read_text()
@@ -812,7 +809,8 @@ def _listening_sockets(pids: list[int]) -> list[tuple[str, str, int]]:
 
 CLUSTER_SCRIPT = """
 import os, sys, time
-from tune_clipfh.tune.experiment import ExperimentOptions, init_ray
+from tune_clipfh.tune.experiment import ExperimentOptions
+from tune_clipfh.tune.ray_session import init_ray
 init_ray(ExperimentOptions())
 import ray
 ray.get(ray.remote(lambda: os.getpid()).remote())
@@ -1044,7 +1042,8 @@ import glob, json, sys, threading, time
 import ray
 from ray.cluster_utils import Cluster
 
-from tune_clipfh.tune.experiment import ExperimentOptions, search
+from tune_clipfh.tune.experiment import ExperimentOptions
+from tune_clipfh.tune.search import search
 from tune_clipfh.tune.results import load_results
 
 storage, space, data = sys.argv[1:4]

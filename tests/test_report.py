@@ -8,6 +8,7 @@ Chromium and keeps a screenshot under ``tests/artifacts/``.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -24,7 +25,14 @@ import pytest
 from tune_clipfh.cli import main
 from tune_clipfh.errors import UserError
 from tune_clipfh.evaluation import UPSTREAM_COLUMNS
-from tune_clipfh.report import REFERENCE_CSV, build_report, claims, figures, tables
+from tune_clipfh.report import (
+    REFERENCE_CSV,
+    build_report,
+    claims,
+    figures,
+    tables,
+    trial_labels,
+)
 from tune_clipfh.report.data import (
     MIN_IMPORTANCE_TRIALS,
     load_experiment,
@@ -33,7 +41,8 @@ from tune_clipfh.report.data import (
     protocol_check,
     trial_notes,
 )
-from tune_clipfh.tune.experiment import ExperimentOptions, reproduce, search
+from tune_clipfh.tune.experiment import ExperimentOptions, reproduce
+from tune_clipfh.tune.search import search
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 # Random init: in two epochs the synthetic-pretrained model seldom beats its own start, so
@@ -57,7 +66,8 @@ def experiments(ray_session, tmp_path_factory):
     # 5 samples: with ASHA pruning some, the study keeps the 4 complete trials that parameter
     # importance needs (the 2 measured versions count)
     searched = search(None, 5, "rank1", "vitb16", str(repro),
-                      ExperimentOptions(name="s", **options), asha_grace=1, asha_reduction=2)
+                      ExperimentOptions(name="s", **options), asha=True, asha_grace=1,
+                      asha_reduction=2, race_top=0)
     return repro, searched
 
 
@@ -259,8 +269,9 @@ def test_missing_and_partial_experiments_give_a_report_that_says_so(experiments,
     assert "No reproduce experiment read" in page
     assert "never started a trial" in page and "folder does not exist" in page
     assert page.count('id="figure-') >= 5
-    assert "Best search configuration vs best version: no version (v1-v10) has test " \
-           "results." in page  # the claims say why they are absent
+    # the claims say why they are absent: the search's versions were not read
+    assert "The choice of search s (vitb16) vs the best version: no vitb16 version (v1-v10) " \
+           "trained to its end among the experiments read." in page
     empty = build_report([], tmp_path / "empty").read_text()
     assert "No experiment folder was given" in empty
     assert "Not drawn: no claim to make: " in empty and "no zero-shot evaluation given" in empty
@@ -407,16 +418,24 @@ def test_zero_shot_evaluations_are_reference_points_in_figures_1_and_2(experimen
     assert sorted(shape.y0 for shape in versus.layout.shapes) == pytest.approx([20.0, 35.0])
     page = build_report(experiments, tmp_path / "out", zero_shot_dirs=[folder]).read_text()
     assert zero_shot["label"] in page
-    # The summary's claims: one seed everywhere, so the sentences say "not a claim".
-    expected, reasons = claims.claims(loaded[1], configs, [zero_shot])
+    # The summary names the search's choice, then the claims: one seed everywhere, so the
+    # sentences say "not a claim".
+    read, trials = loaded[0], loaded[1]
+    searched = next(e for e in read if e.kind == "search")
+    (choice,) = claims.choices(trials, [claims.SearchExperiment.from_meta(
+        searched.name, searched.meta, searched.trials)])
+    assert choice.selection.winner is not None and choice.versions_from == ("r",)
+    assert html.escape(claims.choice_sentence(choice)) in page
+    expected, reasons = claims.claims(trials, [choice], [zero_shot])
     written = pd.read_csv(tmp_path / "out" / "claims.csv")
     assert list(written.columns) == claims.CLAIM_COLUMNS
     assert list(written["claim"]) == list(expected["claim"])
-    assert list(written["comparison"]) == [claims.BEST_VS_BEST, claims.VERSUS_ZERO_SHOT,
-                                           claims.VERSUS_ZERO_SHOT]
+    # the search's choice may be a version it was warm-started with (then said once)
+    assert set(written["comparison"]) <= {claims.BEST_VS_BEST, claims.VERSUS_ZERO_SHOT}
+    assert written["comparison"].tolist().count(claims.VERSUS_ZERO_SHOT) >= 1
     assert set(written["verdict"]) == {claims.UNKNOWN}
     for sentence in [*expected["claim"], *reasons]:
-        assert sentence in page, sentence
+        assert html.escape(sentence) in page, sentence
     assert "no backbone has two consecutive versions" in page  # v1 and v4 only
     with pytest.raises(UserError, match="not a zero-shot evaluation folder"):
         load_zero_shot(tmp_path / "out")
@@ -427,25 +446,46 @@ def test_zero_shot_evaluations_are_reference_points_in_figures_1_and_2(experimen
 
 
 def fake_trials(*runs, experiment: str = "e") -> pd.DataFrame:
-    """Trials of configurations ``(name, backbone, validation Rank-1, [test Rank-1 per seed])``
-    in percent: ``v<N>`` names a version (one trial per seed), anything else a search trial
-    (one seed); a None test is a trial without test results (stopped by ASHA)."""
+    """Trials of configurations ``(name, backbone, validation Rank-1, [test Rank-1 per run])``
+    in percent: ``v<N>`` names a version (one trial per seed), anything else a search
+    configuration: its first run (trial id ``name``, seed 0) and, with more tests, its race
+    runs (seeds 1, 2, ..., ``race_of: name``). The validation Rank-1 is one number for every
+    run or a list, one per run; a None test is a trial without test results (stopped by
+    ASHA)."""
     rows = []
     for name, backbone, val, tests in runs:
         fixed = re.fullmatch(r"v\d+", name) is not None
-        for seed, test in enumerate(tests):
+        vals = val if isinstance(val, list) else [val] * len(tests)
+        for seed, (run_val, test) in enumerate(zip(vals, tests, strict=True)):
             rows.append({
                 "experiment": experiment, "kind": "fixed" if fixed else "search",
                 "backbone": backbone, "version": name if fixed else None, "seed": seed,
-                "trial_id": f"{experiment}-{backbone}-{name}-{seed}" if fixed else name,
-                "status": "stopped_by_scheduler" if test is None else "TERMINATED",
-                "best_val_rank1": val / 100, "best_val_mAP": val / 100,
+                "trial_id": f"{experiment}-{backbone}-{name}-{seed}" if fixed
+                else name if seed == 0 else f"{name}-race{seed}",
+                "config/backbone": backbone if fixed else None,
+                "config/version": name if fixed else None,
+                "config/race_of": name if not fixed and seed else None,
+                "config/lr_visual": 1e-5 if fixed else 3e-5,
+                "status": "stopped_by_scheduler" if test is None else "completed",
+                "final": 0 if test is None else 1, "time_total_s": 10.0,
+                "best_val_rank1": run_val / 100, "best_val_mAP": run_val / 100,
                 "test_rank1": math.nan if test is None else test / 100})
     return pd.DataFrame(rows)
 
 
-def claims_of(trials: pd.DataFrame, zero_shots=()) -> tuple[pd.DataFrame, list[str]]:
-    return claims.claims(trials, tables.configurations(trials), zero_shots)
+def searches_in(trials: pd.DataFrame) -> list[claims.SearchExperiment]:
+    """Each experiment with search trials as a search on their backbone, with no warm start."""
+    if trials.empty:
+        return []
+    searched = trials[trials["kind"] == "search"].groupby("experiment", sort=False)
+    return [claims.SearchExperiment(name, rows["backbone"].iloc[0], "best_val_rank1")
+            for name, rows in searched]
+
+
+def claims_of(trials: pd.DataFrame, zero_shots=(),
+              searches=None) -> tuple[pd.DataFrame, list[str]]:
+    made = claims.choices(trials, searches_in(trials) if searches is None else searches)
+    return claims.claims(trials, made, zero_shots)
 
 
 def test_a_version_step_beyond_the_seed_noise_is_hand_computed():
@@ -464,8 +504,7 @@ def test_a_version_step_beyond_the_seed_noise_is_hand_computed():
     assert step["claim"] == ("rn50-v2 vs rn50-v1: +11.0 ± 2.2 test Rank-1 points (3 seeds "
                              "each): beyond the seed noise.")
     assert reasons == [
-        "Best search configuration vs best version: no search configuration has test "
-        "results.",
+        "Search choice vs best version: no search experiment read.",
         "Against zero-shot: no zero-shot evaluation given (report --zero-shot DIR)."]
 
 
@@ -484,8 +523,8 @@ def test_a_single_seed_search_configuration_borrows_the_versions_seed_noise():
         ("v1", "rn50", 50, [30, 31, 32]),  # std 1
         ("v2", "rn50", 60, [40, 42, 44]),  # std 2, the best version by validation
         ("v1", "vitb16", 55, [60, 70]),  # std sqrt(50): another backbone, not borrowed
-        ("abc", "rn50", 80, [47]),  # the best search configuration with test results
-        ("zzz", "rn50", 90, [None]))  # best validation, but stopped before the test
+        ("abc", "rn50", 80, [47]),  # the search's choice: zzz did not train to its end
+        ("zzz", "rn50", 90, [None]))  # best validation, but stopped by ASHA before the test
     values = claims.seed_values(trials)
     assert "search-zzz" not in set(values["label"])
     assert claims.borrowed_std(values, "rn50") == pytest.approx(1.5)  # same backbone first
@@ -499,7 +538,7 @@ def test_a_single_seed_search_configuration_borrows_the_versions_seed_noise():
     assert (best["delta"], best["noise"]) == pytest.approx((5.0, 2.5))
     assert best["noise_borrowed"] == "search-abc"
     assert best["claim"] == (
-        "The best search configuration (search-abc) vs the best version (rn50-v2): +5.0 ± 2.5 "
+        "The choice of search e (search-abc) vs the best version (rn50-v2): +5.0 ± 2.5 "
         "test Rank-1 points (1 seed vs 3 seeds; seed noise of search-abc borrowed from the "
         "versions): beyond the seed noise.")
 
@@ -511,7 +550,7 @@ def test_one_seed_everywhere_is_not_a_claim():
     assert list(table["comparison"]) == [claims.BEST_VS_BEST, claims.VERSION_STEP]
     assert set(table["verdict"]) == {claims.UNKNOWN} and table["noise"].isna().all()
     assert table.iloc[0]["claim"] == (
-        "The best search configuration (search-s) vs the best version (rn50-v2): +5.0 test "
+        "The choice of search e (search-s) vs the best version (rn50-v2): +5.0 test "
         "Rank-1 points (1 seed each): noise unknown (one seed): not a claim.")
     nothing, reasons = claims_of(pd.DataFrame())
     assert nothing.empty and list(nothing.columns) == claims.CLAIM_COLUMNS
@@ -559,3 +598,162 @@ def test_the_best_configurations_against_zero_shot_have_no_zero_shot_seed_noise(
         "points (3 seeds vs a seedless zero-shot evaluation): beyond the seed noise.")
     assert reasons == ["Against zero-shot: zero-shot, ours (vitb16, tiny): no configuration "
                        "of backbone vitb16 has test results."]
+
+
+# ------------------------------------------------------------------------------------------
+# Claims per backbone: each search's choice (tune.selection) against its own backbone
+
+
+def test_the_choice_is_compared_with_the_best_version_of_its_own_backbone_only():
+    trials = pd.concat([
+        fake_trials(("v1", "rn50", 50, [30, 31, 32]), ("v2", "rn50", 60, [40, 42, 44]),
+                    # better by validation than any rn50 version: not the rn50 search's match
+                    ("v1", "vitb16", 95, [70, 72]), experiment="r"),
+        fake_trials(("abc", "rn50", 80, [47]), experiment="s")], ignore_index=True)
+    (choice,) = claims.choices(trials, searches_in(trials))
+    assert choice.versions_from == ("r",)
+    assert (choice.selection.winner.label, choice.selection.best_version.label) == (
+        "search-abc", "rn50-v2")
+    table, _ = claims_of(trials)
+    best = table[table["comparison"] == claims.BEST_VS_BEST]
+    assert list(zip(best["a"], best["b"], strict=True)) == [("search-abc", "rn50-v2")]
+    assert best.iloc[0]["delta"] == pytest.approx(5.0)
+
+
+def test_a_search_without_a_version_of_its_backbone_says_so_and_crosses_no_backbone():
+    trials = pd.concat([fake_trials(("v1", "vitb16", 55, [60, 70]), experiment="r"),
+                        fake_trials(("abc", "rn50", 80, [47]), experiment="s")],
+                       ignore_index=True)
+    table, reasons = claims_of(trials)
+    assert claims.BEST_VS_BEST not in set(table["comparison"])
+    assert reasons[0] == (
+        "The choice of search s (rn50) vs the best version: no rn50 version (v1-v10) trained "
+        "to its end among the experiments read (only vitb16 versions were read: another "
+        "backbone is no comparison).")
+    (choice,) = claims.choices(trials, searches_in(trials))
+    assert claims.choice_sentence(choice) == (
+        "Search s (rn50) chose search-abc: validation Rank-1 80.0 over 1 run (seed 0), test "
+        "Rank-1 47.0; no rn50 version competed. The search ran 1 trial in 10 trial-s.")
+
+
+def test_the_versions_of_the_warm_start_experiment_compete_when_it_was_read():
+    trials = pd.concat([fake_trials(("v2", "rn50", 70, [50, 52]), experiment="r1"),
+                        fake_trials(("v2", "rn50", 60, [40, 42, 44]), experiment="r2"),
+                        fake_trials(("abc", "rn50", 80, [47]), experiment="s")],
+                       ignore_index=True)
+    meta = {"kind": "search", "backbone": "rn50", "metrics": ["best_val_mAP", "best_val_rank1"],
+            "from_experiment": "/somewhere/runs/ray/r2"}
+    search = claims.SearchExperiment.from_meta("s", meta, trials)
+    assert (search.metric, search.from_experiment) == ("best_val_mAP", "r2")
+    (choice,) = claims.choices(trials, [search])
+    assert choice.versions_from == ("r2",)
+    assert choice.selection.best_version.test_mean == pytest.approx(0.42)
+    unread = claims.choices(trials, [claims.SearchExperiment("s", "rn50", "best_val_rank1",
+                                                             from_experiment="gone")])
+    assert unread[0].versions_from == ("r1", "r2")  # not read: the versions that are there
+
+
+def raced_search() -> pd.DataFrame:
+    """rn50 versions and a search whose best configuration by one run, abc, was raced over
+    two more seeds; lucky's one run beats abc's mean but was not raced."""
+    return pd.concat([
+        fake_trials(("v1", "rn50", 50, [30, 31, 32]), ("v2", "rn50", 60, [40, 42, 44]),
+                    experiment="r"),
+        fake_trials(("abc", "rn50", [88, 84, 86], [50, 53, 56]), ("lucky", "rn50", 87, [45]),
+                    experiment="s")], ignore_index=True)
+
+
+def test_race_runs_are_seeds_of_their_configuration_in_tables_and_claims():
+    trials = raced_search()
+    configs = tables.configurations(trials)
+    searched = configs[configs["kind"] == "search"].set_index("label")
+    assert list(searched.index) == ["search-abc", "search-lucky"]
+    abc = searched.loc["search-abc"]
+    assert (abc["n_trials"], abc["tested"], abc["seeds"]) == (3, 3, "0, 1, 2")
+    assert abc["trial_ids"] == "abc, abc-race1, abc-race2" and abc["folds"] == ""
+    assert (abc["val_rank1"], abc["rank1"], abc["rank1_std"]) == pytest.approx((86, 53, 3))
+    assert abc["knobs"] == "lr_visual=3e-05"  # race_of is no knob
+    summary = tables.summary_table(configs, top=None)
+    assert list(summary["configuration"]).count("search-abc") == 1
+    assert trial_labels(trials)[("s", "abc-race2")] == "search abc s2"
+    values = claims.seed_values(trials).set_index("label")
+    assert values.loc["search-abc", ["value", "std", "seeds"]].tolist() == pytest.approx(
+        [53, 3, 3])
+    # the raced choice has its own seed std: nothing borrowed
+    best = claims_of(trials)[0].iloc[0]
+    assert (best["comparison"], best["a"], best["b"]) == (claims.BEST_VS_BEST, "search-abc",
+                                                          "rn50-v2")
+    assert (best["delta"], best["noise"]) == pytest.approx((11.0, math.sqrt(13)))
+    assert best["noise_borrowed"] == "" and best["verdict"] == claims.BEYOND
+
+
+def test_a_race_over_validation_folds_names_its_folds():
+    trials = raced_search()
+    trials["config/val_fold"] = 0  # every trial config names the prepared fold
+    race = trials["config/race_of"].notna()
+    trials.loc[race, ["config/val_fold", "seed"]] = [[1, 0], [2, 0]]
+    folds = tables.configurations(trials).set_index("label")["folds"]
+    assert (folds["search-abc"], folds["v2"], folds["search-lucky"]) == ("0, 1, 2", "", "")
+    assert trial_labels(trials)[("s", "abc-race2")] == "search abc fold 2"
+    (choice,) = claims.choices(trials, searches_in(trials))
+    assert "over 3 runs (folds 0, 1, 2)" in claims.choice_sentence(choice)
+
+
+def test_the_summary_names_each_search_choice_in_words():
+    (choice,) = claims.choices(raced_search(), [claims.SearchExperiment(
+        "s", "rn50", "best_val_rank1")])
+    assert choice.selection.min_runs == 3  # elitist: lucky's one run does not compete
+    assert claims.choice_sentence(choice) == (
+        "Search s (rn50) chose search-abc: validation Rank-1 86.0 ± 2.0 over 3 runs (seeds 0, "
+        "1, 2), test Rank-1 53.0 ± 3.0; the best version in r, rn50-v2: validation Rank-1 "
+        "60.0 ± 0.0 over 3 runs (seeds 0, 1, 2), test Rank-1 42.0 ± 2.0; search-abc differs "
+        "from rn50-v2 in lr_visual 3e-05 instead of 1e-05. The search ran 4 trials, 2 of them "
+        "race runs, in 40 trial-s; after the race only configurations with 3 runs or more "
+        "competed.")
+
+
+def test_a_search_that_kept_the_best_version_makes_no_claim_against_it():
+    trials = pd.concat([fake_trials(("v2", "rn50", 60, [40, 42, 44]), experiment="r"),
+                        fake_trials(("abc", "rn50", 40, [47]), experiment="s")],
+                       ignore_index=True)
+    zero_shot = {"label": "zero-shot, ours (rn50, tiny)", "backbone": "rn50", "rank1": 20.0}
+    table, reasons = claims_of(trials, [zero_shot])
+    assert reasons[0] == ("The choice of search s (rn50) vs the best version: it chose the "
+                          "best version, rn50-v2, itself.")
+    assert list(table["a"]) == ["rn50-v2"]  # against zero-shot once, as the version
+    (choice,) = claims.choices(trials, searches_in(trials))
+    assert claims.choice_sentence(choice).startswith(
+        "Search s (rn50) chose rn50-v2: validation Rank-1 60.0 ± 0.0 over 3 runs (seeds 0, 1, "
+        "2), test Rank-1 42.0 ± 2.0 (the best version). The search ran 1 trial")
+
+
+def test_zero_shot_is_compared_with_its_own_backbone_only():
+    trials = pd.concat([
+        fake_trials(("v1", "rn50", 50, [30, 31, 32]), ("v1", "vitb16", 70, [60, 62]),
+                    experiment="r"),
+        fake_trials(("abc", "rn50", 80, [47]), experiment="s"),
+        fake_trials(("xyz", "vitb16", 85, [66]), experiment="t")], ignore_index=True)
+    zero_shot = {"label": "zero-shot, ours (vitb16, tiny)", "backbone": "vitb16",
+                 "rank1": 25.0}
+    table, reasons = claims_of(trials, [zero_shot])
+    best = table[table["comparison"] == claims.BEST_VS_BEST]
+    assert list(zip(best["a"], best["b"], strict=True)) == [("search-abc", "rn50-v1"),
+                                                            ("search-xyz", "vitb16-v1")]
+    versus = table[table["comparison"] == claims.VERSUS_ZERO_SHOT]
+    assert list(versus["a"]) == ["search-xyz", "vitb16-v1"]
+    assert versus.iloc[0]["claim"] == (
+        "The choice of search t (search-xyz) vs zero-shot, ours (vitb16, tiny): +41.0 ± 1.4 "
+        "test Rank-1 points (1 seed vs a seedless zero-shot evaluation; seed noise of "
+        "search-xyz borrowed from the versions): beyond the seed noise.")
+    assert not any("Against zero-shot" in reason for reason in reasons)
+
+
+def test_optimisation_history_counts_race_runs_in_compute_not_in_the_best_so_far():
+    trials = pd.DataFrame({
+        "trial_id": ["a", "b", "c"], "best_val_rank1": [0.5, 0.6, 0.9],
+        "status": ["completed"] * 3, "time_total_s": [10.0, 20.0, 30.0],
+        tables.RACE_COLUMN: [None, None, "b"]})  # c re-runs b: a lucky second run
+    frame = tables.optimisation_history(trials, pd.DataFrame())
+    assert frame["value"].tolist() == [50.0, 60.0, 90.0]
+    assert frame["best_by_number"].tolist() == [50.0, 60.0, 60.0]
+    assert frame["compute_s"].tolist() == [10.0, 30.0, 60.0]

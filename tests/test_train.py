@@ -3,12 +3,15 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tune_clipfh.config import build_config
+from tune_clipfh.data.errors import DataError
 from tune_clipfh.loss_table import stage_terms
 from tune_clipfh.model.registry import BACKBONES
 from tune_clipfh.train.optim import ParamGroup, ScheduleSpec, StageSchedule, build_optimizer
@@ -227,6 +230,32 @@ def test_concat_eval_feature_joins_two_unit_halves(data, cache_dir):
     assert torch.allclose(raw[:, :half].norm(dim=1), torch.ones(4), atol=1e-5)
     assert torch.allclose(raw[:, half:], projected, atol=1e-5)
     assert trainer.run().test["mean"]["rank1"] > 0
+
+
+def test_eval_flip_averages_each_image_with_its_mirror(data, cache_dir):
+    trainer = trainer_for(data, cache_dir, eval_flip=True)
+    rows = data.val_rows[:4]
+    averaged = trainer.evaluator.extract(rows)
+    images = next(iter(trainer.evaluator.loader.evaluation(rows, len(rows))))
+    model = trainer.model
+    model.backbone.eval()  # as extract runs it
+    with torch.no_grad():
+        both = model.embed(images, "pre_bn") + model.embed(images.flip(-1), "pre_bn")
+    assert torch.allclose(averaged, F.normalize(both, dim=1), atol=1e-5)
+
+
+def test_the_data_must_be_what_the_config_says(data, cache_dir):
+    """The embedded dataset is 11k dorsal_r: the defaults load it; another aspect or dataset is
+    refused, naming both."""
+    assert (data.manifest.dataset, data.manifest.aspect) == ("11k", "dorsal_r")
+    for knobs, message in (
+        ({"aspect": "palmar_l"}, "key 'aspect': palmar_l, but the folder was prepared for "
+                                 "dorsal_r (set aspect: dorsal_r, or prepare a folder with "
+                                 "--aspect palmar_l)"),
+        ({"dataset": "hd"}, "key 'dataset': hd, but the folder was prepared for 11k"),
+    ):
+        with pytest.raises(DataError, match=re.escape(message)):
+            prepare_data(make_config(cache_dir, **knobs), progress=False)
 
 
 def _capture_loss_inputs(trainer, monkeypatch):

@@ -16,27 +16,25 @@ import math
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import torch
+from ray.tune.schedulers import TrialScheduler
 
-from tune_clipfh.cli import build_parser
-from tune_clipfh.config import ConfigError, build_config
+from tune_clipfh.cli import build_parser, main
+from tune_clipfh.config import ConfigError, build_config, read_yaml
+from tune_clipfh.data.errors import DataError
+from tune_clipfh.data.hands11k import prepare_11k
+from tune_clipfh.data.synth import synthesize
 from tune_clipfh.errors import UserError
 from tune_clipfh.model.registry import BACKBONES
+from tune_clipfh.resources import config_file
 from tune_clipfh.tune import experiment
-from tune_clipfh.tune.budget import TrialSecondsBudget
+from tune_clipfh.tune.budget import TrialSecondsBudget, TrialShape
 from tune_clipfh.tune.defaults import ASHA_GRACE, ASHA_REDUCTION
-from tune_clipfh.tune.experiment import (
-    ExperimentOptions,
-    FinalRowOptunaSearch,
-    fixed_trials,
-    reproduce,
-    search,
-    trial_seconds_budget,
-    version_points,
-)
+from tune_clipfh.tune.experiment import ExperimentOptions, fixed_trials, reproduce
 from tune_clipfh.tune.gpus import (
     GpuPlan,
     ProbeResult,
@@ -47,7 +45,10 @@ from tune_clipfh.tune.gpus import (
     training_step,
 )
 from tune_clipfh.tune.results import experiment_meta, load_results
+from tune_clipfh.tune.search import RaceExemptASHA, search, trial_seconds_budget, version_points
+from tune_clipfh.tune.searcher import BudgetedOptunaSearch, Race
 from tune_clipfh.tune.space import load_space
+from tune_clipfh.tune.trainable import META_KEYS
 from tune_clipfh.tune.versions import load_versions
 
 from tune_helpers import one_trial_done_another_checkpointed, rows_reported, wait_for
@@ -215,7 +216,7 @@ def test_scheduler_stopped_trials_enter_the_study_as_pruned(multi):
     """Without a final row a trial is PRUNED, never COMPLETE with under-trained metrics."""
     metrics = ["best_val_rank1", "best_val_mAP"] if multi else "best_val_rank1"
     storage = optuna.storages.InMemoryStorage()
-    searcher = FinalRowOptunaSearch.create(
+    searcher = BudgetedOptunaSearch.create(
         space=lambda trial: trial.suggest_float("lr_visual", 1e-5, 1e-2, log=True) and None,
         metric=metrics, mode=["max", "max"] if multi else "max",
         sampler=optuna.samplers.RandomSampler(seed=0), study_name="pruned", storage=storage)
@@ -239,13 +240,13 @@ def _lr_space(trial) -> None:  # module level: a searcher's saved state pickles 
 
 def test_the_searcher_starts_no_trial_past_its_budget(tmp_path):
     """With a budget the searcher answers FINISHED once the next trial would not fit."""
-    searcher = FinalRowOptunaSearch.create(
+    searcher = BudgetedOptunaSearch.create(
         space=_lr_space,
         metric="best_val_rank1", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
         study_name="budget", storage=optuna.storages.InMemoryStorage(),
         budget=TrialSecondsBudget(250.0, prior_lengths_s=[100.0]))
     assert "lr_visual" in searcher.suggest("a") and "lr_visual" in searcher.suggest("b")
-    assert searcher.suggest("c") == FinalRowOptunaSearch.FINISHED  # 2 x 100 committed + 100
+    assert searcher.suggest("c") == BudgetedOptunaSearch.FINISHED  # 2 x 100 committed + 100
     row = {"best_val_rank1": 0.5, "final": 1, "status": "completed", "time_total_s": 100.0,
            "training_iteration": 3}
     searcher.on_trial_result("a", {**row, "final": 0, "time_total_s": 60.0})
@@ -255,11 +256,60 @@ def test_the_searcher_starts_no_trial_past_its_budget(tmp_path):
     assert searcher.budget.running == {"b"}
     # --resume restores the searcher from its saved state: what was spent stays spent
     searcher.save(str(tmp_path / "searcher.pkl"))
-    restored = FinalRowOptunaSearch.create(
+    restored = BudgetedOptunaSearch.create(
         space=_lr_space, metric="best_val_rank1", mode="max", study_name="budget",
         storage=optuna.storages.InMemoryStorage())
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.budget == searcher.budget and restored.budget.spent_s() == 100.0
+
+
+def test_the_searcher_ends_with_a_race_of_its_best_configurations_within_its_budget():
+    """Exploration leaves room for the race; once its trials have ended the best two by one
+    run are run once more each with the next seed, marked race_of, not told to Optuna and not
+    past the budget."""
+    storage = optuna.storages.InMemoryStorage()
+    searcher = BudgetedOptunaSearch.create(
+        space=_lr_space, metric="best_val_rank1", mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0), study_name="race", storage=storage,
+        budget=TrialSecondsBudget(600.0, prior_lengths_s=[100.0]),
+        race=Race(top=2, runs=2, base_seed=7), max_trials=20)
+    # 600 trial-s, 2 race runs of 100 s kept: 4 trials explore
+    explored = [searcher.suggest(t) for t in "abcd"]
+    assert all("lr_visual" in config for config in explored)
+    assert searcher.suggest("e") is None  # exploration over; the race waits for a, b, c, d
+    for trial_id, score in zip("abcd", (0.5, 0.9, 0.7, 0.1), strict=True):
+        searcher.on_trial_complete(trial_id, {"best_val_rank1": score, "final": 1,
+                                              "status": "completed", "time_total_s": 100.0})
+    race = [searcher.suggest("e"), searcher.suggest("f")]
+    assert [r["race_of"] for r in race] == ["b", "c"]
+    assert [r["seed"] for r in race] == [8, 8]
+    assert [r["lr_visual"] for r in race] == [explored[1]["lr_visual"],
+                                               explored[2]["lr_visual"]]
+    assert searcher.suggest("g") == BudgetedOptunaSearch.FINISHED
+    for trial_id in "ef":
+        searcher.on_trial_complete(trial_id, {"best_val_rank1": 0.6, "final": 1,
+                                              "status": "completed", "time_total_s": 100.0})
+    assert len(optuna.load_study(study_name="race", storage=storage).trials) == 4
+    assert searcher.budget.spent_s() == 600.0
+
+
+def test_a_sampled_trial_longer_than_the_budget_left_ends_exploration_unrun():
+    searcher = BudgetedOptunaSearch.create(
+        space=_epochs_space, metric="best_val_rank1", mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0), study_name="long",
+        storage=optuna.storages.InMemoryStorage(),
+        budget=TrialSecondsBudget(100.0, base_knobs={"epochs_prompt": 1}))
+    searcher.budget.learn(TrialShape(1, 10, text_trains=False), 1.0, 10.0, 11.0)  # 1 s/epoch
+    config = searcher.suggest("a")  # 60-80 image epochs: 61-81 s of 100
+    assert config is not None and config["epochs_image"] >= 60
+    assert searcher.suggest("b") == BudgetedOptunaSearch.FINISHED  # another would not fit
+    trials = searcher._ot_study.trials
+    assert trials[-1].state == optuna.trial.TrialState.PRUNED
+    assert "not_run" in trials[-1].user_attrs
+
+
+def _epochs_space(trial) -> None:
+    trial.suggest_int("epochs_image", 60, 80)
 
 
 def test_search_budget_from_a_reproduce_experiment(repro):
@@ -284,28 +334,100 @@ def test_search_budget_errors(seconds, share, source, expected):
         trial_seconds_budget(seconds, share, source, "vitb16")
 
 
-def test_search_warm_starts_from_a_reproduce_experiment(repro, tmp_path):
+def test_search_warm_starts_from_a_reproduce_experiment(repro, tmp_path, capsys):
+    """The measured versions that lie inside the space enter the study with their results and
+    are not run again; in a space that cannot train them they stay out, and the log says why."""
     repro_path, repro_frame = repro
-    space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
-    path = search(str(space_file), 1, "rank1", "vitb16", str(repro_path),
-                  ExperimentOptions(name="warm", storage=str(tmp_path / "ray")))
+    path = search(None, 1, "rank1", "vitb16", str(repro_path),
+                  ExperimentOptions(name="warm", storage=str(tmp_path / "ray"), overrides=QUICK))
     study = _study(path)
     measured = [t for t in study.trials if "source" in t.user_attrs]
     # The two ViT versions of the reproduce run, with their measured validation Rank-1; the
     # RN50 trials belong to another backbone and stay out.
     assert sorted(t.user_attrs["source"] for t in measured) == ["repro/v1", "repro/v5"]
+    space = load_space(profile="tiny", backbone="vitb16").fixing(QUICK)
+    versions = load_versions(profile="tiny")["vitb16"]
     for trial in measured:
         version = trial.user_attrs["source"].split("/")[1]
         row = repro_frame[(repro_frame["config/backbone"] == "vitb16")
                           & (repro_frame["config/version"] == version)].iloc[0]
         assert trial.state == optuna.trial.TrialState.COMPLETE
         assert trial.values == [row["best_val_rank1"]]
-        assert trial.params == SMALL_SPACE_POINTS[0 if version == "v1" else 1]
-    # The measured points are not run again: the one new trial is the remaining version point.
+        knobs = fixed_trials(["vitb16"], [version], "tiny", QUICK)[0]  # as the repro ran it
+        assert trial.params == space.point_from_knobs(
+            {k: v for k, v in knobs.items() if k not in META_KEYS})
+    # The measured points are not run again: the one new trial is the next version's point
+    # (the other seven versions' points wait in the study's queue).
     frame = load_results(path)
-    assert len(frame) == 1
-    assert _params(frame.iloc[0], ["lr_visual", "unfreeze_blocks"]) == SMALL_SPACE_POINTS[2]
-    assert len(study.trials) == 3
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(frame) == 1 and len(study.trials) == 10 and len(waiting) == 7
+    assert frame.iloc[0]["config/optimizer"] == versions["v2"].knobs["optimizer"]
+
+    space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
+    capsys.readouterr()
+    small = search(str(space_file), 1, "rank1", "vitb16", str(repro_path),
+                   ExperimentOptions(name="warm-small", storage=str(tmp_path / "ray")))
+    assert not [t for t in _study(small).trials if "source" in t.user_attrs]
+    log = capsys.readouterr().err
+    assert "left out, outside the space" in log and "v1 (" in log and "v5 (" in log, log
+
+
+def test_a_race_reruns_the_best_and_best_hands_the_choice_on(ray_session, tmp_path, capsys):
+    """Two configurations explore, the better is run again with the next seed (not stopped by
+    ASHA, not in the study); ``best`` chooses by the mean over its runs and writes a config
+    that ``train --config`` takes as it is."""
+    space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
+    path = search(str(space_file), 3, "rank1_at_test_size", "vitb16", None,
+                  ExperimentOptions(name="race", storage=str(tmp_path / "ray"),
+                                    overrides={"seed": 4}),
+                  warm_start=False, race_top=1, race_runs=2)
+    frame = load_results(path)
+    assert len(frame) == 3
+    raced = frame[frame["config/race_of"].notna()]
+    assert len(raced) == 1 and raced.iloc[0]["seed"] == 5
+    first = frame[frame["trial_id"] == raced.iloc[0]["config/race_of"]].iloc[0]
+    explored = frame[frame["config/race_of"].isna()]
+    metric = "best_val_rank1_at_test_size"
+    assert first[metric] == explored[metric].max()
+    assert raced.iloc[0]["final"] == 1
+    assert len(_study(path).trials) == 2
+    assert experiment_meta(path)["race"] == {"top": 1, "runs": 2, "replicate": "seed"}
+
+    capsys.readouterr()
+    assert main(["best", str(path), "--out", str(tmp_path / "best.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert f"chosen: search-{first['trial_id']}" in printed and "2 runs" in printed
+    assert "never used to choose" in printed
+    chosen = read_yaml(tmp_path / "best.yaml")
+    assert chosen["lr_visual"] == pytest.approx(first["config/lr_visual"])
+    assert chosen["epochs_image"] == 3 and chosen["model"] == "vitb16"
+    build_config(chosen, "best.yaml")  # what train --config does with it
+    assert main(["best", str(tmp_path)]) == 2  # not a search experiment: one line
+    assert "no experiment here" in capsys.readouterr().err
+
+
+def test_asha_leaves_race_runs_alone():
+    scheduler = RaceExemptASHA(time_attr="image_epoch", metric="best_val_rank1", mode="max",
+                               grace_period=1, reduction_factor=3, max_t=10)
+    race_run = SimpleNamespace(config={"race_of": "abc", "lr_visual": 1e-4}, trial_id="r")
+    assert scheduler.on_trial_result(None, race_run, {"image_epoch": 1, "best_val_rank1": 0.0}) \
+        == TrialScheduler.CONTINUE
+
+
+def test_data_prepared_for_another_aspect_is_refused_before_any_trial(tmp_path):
+    """The versions are stated for 11k dorsal_r: a palmar_r folder stops the experiment at once
+    (set aspect: palmar_r with --set to run them there)."""
+    src = synthesize(tmp_path / "src", identities=8, images_per_identity=4, image_size=(64, 48),
+                     progress=False)
+    prepare_11k(src, "palmar_r", tmp_path / "palmar_r", progress=False)
+    options = ExperimentOptions(data=str(tmp_path / "palmar_r"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="key 'aspect': dorsal_r, but the folder was prepared "
+                                        "for palmar_r"):
+        experiment.prepare_shared_data(fixed_trials(["rn50"], ["v1"], "tiny", {}), options)
+    assert not (tmp_path / "cache").exists()
+    overridden = fixed_trials(["rn50"], ["v1"], "tiny", {"aspect": "palmar_r"})
+    assert experiment.prepare_shared_data(overridden, options)["data_dir"] \
+        == str((tmp_path / "palmar_r").resolve())
 
 
 def test_invalid_sampled_configuration_is_recorded_not_a_crash(ray_session, tmp_path):
@@ -400,7 +522,9 @@ def test_default_space_overlays():
     # its 64-px images
     assert tiny_rn50["lr_visual"] == full_rn50["lr_visual"] != full_vit["lr_visual"]
     assert (tiny_rn50["aug_pad_crop"].high, full_rn50["aug_pad_crop"].high) == (6, 16)
-    assert load_space(profile="tiny", backbone="rn50").base["epochs_image"] == 30
+    # both stages' lengths are searched, the image stage's over a range holding the
+    # versions' 30 epochs and tiny_synthetic.yaml's 60
+    assert tiny_rn50["epochs_image"].contains(30) and tiny_rn50["epochs_image"].contains(60)
     # the tiny profile's base fixes early stopping (off): not searched there, searched in full
     assert "early_stop_patience" not in tiny_rn50 and "early_stop_patience" in full_rn50
     assert load_space(profile="tiny", backbone="rn50").base["early_stop_patience"] == 0
@@ -431,14 +555,53 @@ def test_conditional_parameters_and_points():
 @pytest.mark.parametrize("profile, backbone", [
     ("tiny", "vitb16"), ("tiny", "rn50"), ("full", "vitb16"), ("full", "rn50"),
 ])
-def test_default_space_holds_version_points(profile, backbone):
-    points = version_points(load_space(profile=profile, backbone=backbone), backbone, profile)
-    assert points
-    # v1 sets no per-group rate: it is in the space through its effective rates (lr).
-    v1 = load_versions(profile=profile)[backbone]["v1"].knobs
-    if all(p.contains(v1["lr"]) for p in load_space(profile=profile, backbone=backbone).parameters
-           if p.name in ("lr_visual", "lr_head", "lr_prompt")):
-        assert any(point["lr_visual"] == v1["lr"] for point in points)
+def test_every_version_lies_inside_the_default_space(profile, backbone):
+    """The space can train every version exactly (so its measured result may warm-start the
+    study); its point runs first."""
+    space = load_space(profile=profile, backbone=backbone)
+    versions = load_versions(profile=profile)[backbone]
+    for name, item in versions.items():
+        assert space.outside(item.knobs) == [], name
+    points = version_points(space, backbone, profile)
+    assert len(points) == len(versions)  # ten distinct versions, ten points
+    # v1 sets no per-group rate: its point holds its effective rates (lr)
+    assert points[0]["lr_visual"] == points[0]["lr_head"] == versions["v1"].knobs["lr"]
+
+
+def test_the_shipped_tiny_config_lies_inside_the_tiny_space():
+    knobs = read_yaml(config_file("tiny_synthetic"))
+    space = load_space(profile="tiny", backbone=knobs["model"])
+    assert space.outside(knobs) == []
+    # what the space cannot train takes a configuration outside, named
+    assert space.outside({**knobs, "center_lr": 0.3}) == ["center_lr"]
+    assert space.outside({**knobs, "epochs_image": 200}) == ["epochs_image"]
+    assert space.outside({**knobs, "n_ctx": 99})[0].startswith("(not a valid configuration")
+
+
+def test_named_choices_and_fixed_knobs(tmp_path):
+    space = load_space(_write(tmp_path / "named.yaml", """
+base: {epochs_prompt: 1}
+parameters:
+  scheduler: {type: categorical, choices: [cosine, onecycle]}
+  warmup_epochs: {type: float, low: 0.0, high: 5.0, when: {scheduler: cosine}}
+  prompt_template_list:
+    type: categorical
+    choices: {none: null, two: ["a {ctx} hand.", "the {ctx}."]}
+"""))
+    knobs = {"scheduler": "cosine", "warmup_epochs": 1.0,
+             "prompt_template_list": ["a {ctx} hand.", "the {ctx}."]}
+    point = space.point_from_knobs(knobs)
+    assert point == {"scheduler": "cosine", "warmup_epochs": 1.0, "prompt_template_list": "two"}
+    assert space.knobs(point)["prompt_template_list"] == knobs["prompt_template_list"]
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    returned = space.sample(trial)  # the trial's config takes the knob values of named choices
+    assert returned["prompt_template_list"] == space.knobs(trial.params)["prompt_template_list"]
+    # --set fixes a knob: not searched, its dependants kept or dropped by its value
+    onecycle = space.fixing({"scheduler": "onecycle"})
+    assert [p.name for p in onecycle.parameters] == ["prompt_template_list"]
+    cosine = space.fixing({"scheduler": "cosine"})
+    assert [(p.name, p.when) for p in cosine.parameters][0] == ("warmup_epochs", {})
+    assert cosine.base["scheduler"] == "cosine"
 
 
 # ------------------------------------------------------------------------------------------
@@ -644,6 +807,10 @@ def test_one_asha_default_for_the_api_and_the_cli():
     defaults = inspect.signature(search).parameters
     assert defaults["asha_grace"].default == ASHA_GRACE
     assert defaults["asha_reduction"].default == ASHA_REDUCTION
+    parsed = build_parser().parse_args(["search"])
+    assert (parsed.asha, parsed.race_top, parsed.race_runs, parsed.race_over) == \
+        (defaults["asha"].default, defaults["race_top"].default, defaults["race_runs"].default,
+         defaults["race_over"].default)
 
 
 def test_probe_groups_the_knob_sets_that_set_memory():
@@ -699,7 +866,8 @@ def test_backbone_errors_come_from_the_registry():
 # trials see no real CUDA device.
 FAKE_GPU_SCRIPT = """
 import json, sys
-from tune_clipfh.tune.experiment import ExperimentOptions, init_ray, reproduce
+from tune_clipfh.tune.experiment import ExperimentOptions, reproduce
+from tune_clipfh.tune.ray_session import init_ray
 from tune_clipfh.tune.results import load_results
 from tune_helpers import rows_reported
 

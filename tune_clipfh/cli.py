@@ -15,9 +15,22 @@ from pathlib import Path
 from .config import ConfigError, describe_keys, load_config, parse_overrides
 from .data.manifest import IDENTITY_SETS
 from .errors import UserError
-from .model.registry import BACKBONES
-from .resources import config_file, resource_path
-from .tune.defaults import ASHA_GRACE, ASHA_REDUCTION
+from .model.registry import BACKBONES, THESIS_BACKBONES
+from .names import ASPECTS, DATASETS
+from .resources import config_file
+from .tune.defaults import (
+    ASHA,
+    ASHA_GRACE,
+    ASHA_REDUCTION,
+    OBJECTIVE,
+    OBJECTIVES,
+    RACE_OVER,
+    RACE_RUNS,
+    RACE_TOP,
+    SAMPLER,
+    SAMPLER_STARTUP,
+    SAMPLERS,
+)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -181,23 +194,60 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .tune.experiment import ablate
+    """The bug ablation of one version, or with ``--toward`` the path from it to a config file;
+    ``--summary`` prints the table of a path ablation already run."""
+    if args.summary:
+        if args.toward or args.direction:
+            raise UserError("--summary prints the table of an experiment already run: it takes "
+                            "no --toward or --direction")
+        from .tune.ablation import ablation_summary
 
+        print(ablation_summary(args.summary))
+        return 0
+    if args.direction and not args.toward:
+        raise UserError("--direction needs --toward (the bug ablation has no direction)")
     started = time.perf_counter()
-    path = ablate(args.backbone, args.version, _experiment_options(args))
-    return _finish_experiment(path, started, "ablate")
+    if not args.toward:
+        from .tune.experiment import ablate
+
+        path = ablate(args.backbone, args.version, _experiment_options(args))
+        return _finish_experiment(path, started, "ablate")
+    from .tune.ablation import DEFAULT_DIRECTION, ablate_toward, ablation_summary
+
+    path = ablate_toward(args.backbone, args.version, args.toward, _experiment_options(args),
+                         args.direction or DEFAULT_DIRECTION)
+    code = _finish_experiment(path, started, "ablate")
+    if code == 0:
+        print(ablation_summary(path))
+    return code
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .tune.experiment import search
+    from .tune.search import search
 
     started = time.perf_counter()
     path = search(args.space, args.num_samples, args.objective, args.backbone,
                   args.from_experiment, _experiment_options(args),
                   asha_grace=args.asha_grace, asha_reduction=args.asha_reduction,
-                  sampler=args.sampler, budget_trial_seconds=args.budget_trial_seconds,
-                  budget_share=args.budget_share)
-    return _finish_experiment(path, started, "search")
+                  asha=args.asha, sampler=args.sampler,
+                  sampler_startup=args.sampler_startup,
+                  budget_trial_seconds=args.budget_trial_seconds,
+                  budget_share=args.budget_share, race_top=args.race_top,
+                  race_runs=args.race_runs, race_over=args.race_over)
+    code = _finish_experiment(path, started, "search")
+    if code == 0:
+        print(f"the search's choice: `tune-clipfh best {path}`")
+    return code
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from .tune.best import describe_choice, write_choice
+
+    lines, config = describe_choice(args.experiment, args.metric)
+    print("\n".join(lines))
+    out = write_choice(config, args.out or Path(args.experiment) / "best_config.yaml")
+    print(f"configuration written to {out} (train it: tune-clipfh train --config {out})")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -212,60 +262,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: train once, reproduce v1-v10, search, summarise."""
-    from .data.prepared import default_cache_dir, synthetic_dataset, synthetic_default
-    from .train.run import result_lines, train_run
-    from .tune.experiment import ExperimentOptions, reproduce, search
-    from .tune.results import summarize_experiment
+    from .demo import run_demo
 
-    started = time.perf_counter()
-    out = Path(args.out).resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    data_dir = synthetic_dataset(default_cache_dir(),
-                                 **{**synthetic_default(), "identities": args.identities}
-                                 ).resolve()
-    print(f"== 1/3 train one tiny model on {args.identities} synthetic identities "
-          f"({DEMO_CONFIG}, {args.train_epochs} image epochs)", flush=True)
-    config = load_config(DEMO_CONFIG, [f"data_dir={data_dir}",
-                                       f"epochs_image={args.train_epochs}"]).config
-    result = train_run(config, out / f"train-{stamp}", progress=False)
-    print(f"status {result.status}; best validation Rank-1 {result.best_val['rank1'] * 100:.2f} %"
-          f", mAP {result.best_val['mAP'] * 100:.2f} %")
-    for line in result_lines(result.test):
-        print(f"  test {line}")
-    options = ExperimentOptions(storage=str(out / "ray"), profile="tiny", data=str(data_dir),
-                                overrides=dict(DEMO_SCHEDULE),
-                                max_concurrent=args.max_concurrent,
-                                gpus_per_trial=args.gpus_per_trial)
-    print("== 2/3 reproduce v1-v10 on both backbones (tiny profile, fixed trials, 3 + 8 "
-          "epochs)", flush=True)
-    options.name = f"reproduce-{stamp}"
-    reproduced = reproduce(["vitb16", "rn50"], None, options)
-    print(summarize_experiment(reproduced))
-    print(f"== 3/3 Optuna search beyond v10 ({args.num_samples} trials, TPE + ASHA, "
-          f"warm-started with the measured versions)", flush=True)
-    options.name = f"search-{stamp}"
-    searched = search(None, args.num_samples, "rank1", "vitb16", str(reproduced), options)
-    print(summarize_experiment(searched))
-    from .report import build_report
-
-    report = build_report([reproduced, searched], out / f"report-{stamp}")
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; results:\n"
-          f"  training run:  {out / f'train-{stamp}'}\n"
-          f"  reproduce:     {reproduced}\n  search:        {searched}\n"
-          f"  optuna study:  sqlite:///{searched / 'optuna.db'}\n"
-          f"  report:        {report}")
+    run_demo(args.out, identities=args.identities, num_samples=args.num_samples,
+             max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial)
     return 0
-
-
-PRETRAIN_ALL = ("vitb16", "rn50")
-"""What ``pretrain --backbone all`` builds: the thesis backbones."""
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .model.pretrain import pretrain
 
-    for backbone in PRETRAIN_ALL if args.backbone == "all" else (args.backbone,):
+    for backbone in THESIS_BACKBONES if args.backbone == "all" else (args.backbone,):
         started = time.perf_counter()
         path = pretrain(backbone, args.cache_dir, seed=args.seed, progress=not args.no_progress,
                         force=args.force)
@@ -324,13 +331,6 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
                         help="override a knob in every trial")
 
 
-DEMO_CONFIG = resource_path("configs", "tiny_synthetic.yaml")
-DEMO_SCHEDULE = {"epochs_prompt": 3, "epochs_image": 8}
-"""The demo's short schedule for its 28 trials (warm-ups shorten with it): it shows every part
-in minutes; on it the versions stay near their zero-shot level (docs/usage.md). Early stopping
-is the tiny profile's (off), for versions and search alike."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tune-clipfh",
@@ -347,10 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     prepare = data.add_parser("prepare", help="build a manifest (train, val, 10 splits)")
-    prepare.add_argument("--dataset", choices=("11k", "hd"), default="11k")
+    prepare.add_argument("--dataset", choices=DATASETS, default="11k")
     prepare.add_argument("--src", required=True, help="dataset folder (11k: HandInfo.csv, Hands/)")
-    prepare.add_argument("--aspect", choices=("dorsal_r", "dorsal_l", "palmar_r", "palmar_l"),
-                         default="dorsal_r")
+    prepare.add_argument("--aspect", choices=ASPECTS, default="dorsal_r")
     prepare.add_argument("--out", required=True)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--identity-split", choices=("half", "upstream"), default="half",
@@ -415,21 +414,38 @@ def build_parser() -> argparse.ArgumentParser:
     repro.set_defaults(func=cmd_reproduce)
 
     ablation = verbs.add_parser(
-        "ablate", help="one version: correct, as-run, and as-run with each upstream bug fixed")
+        "ablate", help="one version: correct, as-run, and as-run with each upstream bug fixed; "
+        "with --toward, the path from the version to a config, one knob group at a time")
     ablation.add_argument("--backbone", choices=tuple(BACKBONES), default="vitb16")
     ablation.add_argument("--version", default="v5")
+    ablation.add_argument("--toward", metavar="FILE",
+                          help="a config file (or a shipped config by name): run the version, "
+                          "FILE, and the steps between them, one knob group "
+                          "(search_spaces/knob_groups.yaml) at a time")
+    ablation.add_argument("--direction",
+                          help="with --toward: forward steps (the version with one group of "
+                          "FILE), backward steps (FILE with one group of the version) or both "
+                          "(default)")
+    ablation.add_argument("--summary", metavar="EXPERIMENT_DIR",
+                          help="print the table of a path ablation already run, and exit")
     _add_experiment_options(ablation)
     ablation.set_defaults(func=cmd_ablate)
 
     search = verbs.add_parser("search", help="Optuna search beyond v10 with ASHA early stopping")
     search.add_argument("--space", help="search-space YAML (default: search_spaces/beyond_v10.yaml)")
     search.add_argument("--num-samples", type=int, default=16)
-    search.add_argument("--objective", choices=("rank1", "mAP", "both"), default="rank1",
+    search.add_argument("--objective", choices=tuple(OBJECTIVES), default=OBJECTIVE,
                         help="validation metric(s) to maximise")
     search.add_argument("--backbone", choices=tuple(BACKBONES), default="vitb16")
     search.add_argument("--from-experiment", help="a reproduce experiment whose measured "
                         "versions warm-start the study")
-    search.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    search.add_argument("--sampler", choices=SAMPLERS, default=SAMPLER,
+                        help="tpe: multivariate TPE; tpe-univariate; gp: Gaussian process; "
+                        "random (default: %(default)s)")
+    search.add_argument("--sampler-startup", type=int, default=SAMPLER_STARTUP, metavar="N",
+                        help="random trials of the search's own before the sampler models "
+                        "(the warm start's measured versions count as start-up too; default: "
+                        "%(default)s)")
     search.add_argument("--budget-trial-seconds", type=float, metavar="SECONDS",
                         help="compute budget, in trial-seconds: no trial starts that would not "
                         "fit in it (the search ends at this or --num-samples, whichever first)")
@@ -437,11 +453,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the budget as a share of --from-experiment's trial-seconds per "
                         "seed of this backbone (0.5: half the versions' compute)")
     search.add_argument("--asha-grace", type=int, default=ASHA_GRACE,
-                        help="ASHA grace period in reported epochs (default: %(default)s)")
+                        help="ASHA grace period in image-stage epochs (default: %(default)s)")
     search.add_argument("--asha-reduction", type=int, default=ASHA_REDUCTION,
                         help="ASHA reduction factor (default: %(default)s)")
+    search.add_argument("--asha", action=argparse.BooleanOptionalAction, default=ASHA,
+                        help="stop trials early with ASHA, comparing them at equal image-stage "
+                        "epochs (default: off; see docs/performance.md)")
+    search.add_argument("--race-top", type=int, default=RACE_TOP, metavar="K",
+                        help="race the K best configurations (by one run's validation) over "
+                        "more runs before choosing; 0: no race (default: %(default)s)")
+    search.add_argument("--race-runs", type=int, default=RACE_RUNS, metavar="R",
+                        help="runs of each raced configuration, its first included "
+                        "(default: %(default)s)")
+    search.add_argument("--race-over", choices=("seed", "val_fold"), default=RACE_OVER,
+                        help="what the race's runs vary: the seed, or the validation "
+                        "identities (val_fold) (default: %(default)s)")
     _add_experiment_options(search)
     search.set_defaults(func=cmd_search)
+
+    best = verbs.add_parser("best", help="the configuration a search chose, with its "
+                            "provenance, written as a config YAML for train --config")
+    best.add_argument("experiment", metavar="SEARCH_DIR", help="a search experiment folder")
+    best.add_argument("--out", help="the YAML to write (default: SEARCH_DIR/best_config.yaml)")
+    best.add_argument("--metric", help="the validation metric to choose by (default: the "
+                      "search's objective, e.g. best_val_rank1)")
+    best.set_defaults(func=cmd_best)
 
     report = verbs.add_parser("report", help="write report.html (plotly, offline) and CSV "
                               "tables from reproduce/search experiments")
@@ -455,26 +491,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference in figures 1 and 2; repeatable")
     report.set_defaults(func=cmd_report)
 
-    demo = verbs.add_parser("demo", help="train, reproduce v1-v10 and search on the embedded "
-                            "synthetic dataset with tiny models")
+    demo = verbs.add_parser("demo", help="zero-shot, reproduce and search on the embedded "
+                            "synthetic dataset with tiny models, then the report")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--num-samples", type=int, default=8)
+    demo.add_argument("--num-samples", type=int, default=4,
+                      help="search trials, its race run included (default: %(default)s)")
     demo.add_argument("--max-concurrent", type=int, default=2)
-    # The demo shows every part in under 5 minutes on 2 cores: the embedded dataset (on 80
-    # identities, 32 of them for training, fine-tuning did not beat zero-shot: 43.5 against
-    # 48.5 % test Rank-1) and half of step 1's stated epochs (+9.6 points over zero-shot).
     demo.add_argument("--identities", type=int, default=160,
                       help="synthetic identities of the demo's dataset (default 160, the "
                            "embedded default)")
-    demo.add_argument("--train-epochs", type=int, default=30,
-                      help="image epochs of step 1 (tiny_synthetic.yaml states 60)")
     _add_gpus_per_trial(demo)
     demo.set_defaults(func=cmd_demo)
 
     pretrain = verbs.add_parser("pretrain", help="contrastive image-text pretraining of the tiny "
                                 "backbones on synthetic captioned hands (pretrained: synthetic)")
     pretrain.add_argument("--backbone", choices=(*BACKBONES, "all"), default="all",
-                          help=f"all: {', '.join(PRETRAIN_ALL)} (default: %(default)s)")
+                          help=f"all: {', '.join(THESIS_BACKBONES)} (default: %(default)s)")
     pretrain.add_argument("--seed", type=int, default=0,
                           help="seed of the corpus, the initialisation and the batch order "
                           "(pretrained: synthetic uses 0)")

@@ -24,12 +24,25 @@ import yaml
 
 from .errors import UserError
 from .model.registry import BACKBONES, PROFILES
+from .names import (
+    AMP_MODES,
+    AP_MODES,
+    ASPECTS,
+    CTX_PLACEHOLDER,
+    DATASETS,
+    EVAL_METRICS,
+    ID_HEADS,
+    OPTIMIZERS,
+    SCHEDULE_MODES,
+    SCHEDULES,
+    TEXT_POOLS,
+    UNFREEZE_MODES,
+)
 
 BackboneKey = Literal[tuple(BACKBONES)]  # the registry's backbones, whatever it holds
 Profile = Literal[PROFILES]
 
 UPSTREAM_IDENTITY_PLACEHOLDER = "{}"
-CTX_PLACEHOLDER = "{ctx}"
 FAULT_PATTERN = re.compile(r"(nan|raise)@(prompt|image):([1-9][0-9]*)")
 PRETRAINED_GROUPS = ("visual", "text")
 """Parameter groups that start from pretrained weights (the tiny profile scales their rates)."""
@@ -84,9 +97,12 @@ class RunConfig:
 
     # --- identification of the run (upstream) ---
     experiment: str = knob("tiny_synthetic", "run name, used for the run folder")
-    dataset: Literal["11k", "hd"] = knob("11k", "dataset protocol of data_dir")
-    aspect: Literal["dorsal_r", "dorsal_l", "palmar_r", "palmar_l"] = knob(
-        "dorsal_r", "hand aspect (11k); named in the prompt")
+    dataset: Literal[DATASETS] = knob(
+        "11k", "dataset data_dir was prepared from (synthetic data is 11k); a run refuses a "
+        "folder prepared from another")
+    aspect: Literal[ASPECTS] = knob(
+        "dorsal_r", "hand aspect data_dir was prepared for, named in the prompt; a run refuses "
+        "an 11k folder of another aspect (not checked for hd, which has none)")
     model: BackboneKey = knob("vitb16", "CLIP backbone (model/registry.py)", group="model")
     variant: str = knob("clipid", "free-form variant tag (upstream naming only)")
 
@@ -160,7 +176,7 @@ class RunConfig:
     unfreeze_blocks: int = knob(
         2, "train the last N image-tower blocks (ViT resblocks 0..12, RN50 layers 0..4)",
         low=0, group="model")
-    unfreeze_mode: Literal["last_n", "last_n_blocks", "all"] = knob(
+    unfreeze_mode: Literal[UNFREEZE_MODES] = knob(
         "last_n", "last_n: the last unfreeze_blocks blocks and every layer after them (ViT "
         "ln_post and proj, RN50 attnpool); last_n_blocks: the blocks alone, under a frozen "
         "projection (upstream v6+, B13); all: the whole image tower including the stem "
@@ -187,16 +203,14 @@ class RunConfig:
         "auto", "openai (full) | synthetic (tiny: pretrained on synthetic captioned hands, "
         "shipped or built on first use) | none | path to a local weights file (auto: openai "
         "for full, synthetic for tiny)", group="model")
-    id_head: Literal["linear", "arcface"] | None = knob(
+    id_head: Literal[ID_HEADS] | None = knob(
         None, "ID head after the BNNeck (default linear, or arcface via use_arcface)",
         group="loss")
 
     # --- ours: optimisation ---
-    optimizer: Literal["adam", "adamw", "sgd"] = knob("adamw", "stage-2 optimizer",
-                                                      group="optim")
-    prompt_optimizer: Literal["adam", "adamw", "sgd"] = knob("adam", "stage-1 optimizer",
-                                                             group="optim")
-    scheduler: Literal["cosine", "onecycle", "step", "constant"] = knob(
+    optimizer: Literal[OPTIMIZERS] = knob("adamw", "stage-2 optimizer", group="optim")
+    prompt_optimizer: Literal[OPTIMIZERS] = knob("adam", "stage-1 optimizer", group="optim")
+    scheduler: Literal[SCHEDULES] = knob(
         "cosine", "stage-2 learning-rate schedule", group="optim")
     scheduler_step: Literal["epoch", "batch"] = knob(
         "epoch", "step the schedule per epoch or per batch (horizon scales accordingly)",
@@ -250,9 +264,12 @@ class RunConfig:
         group="data")
     cache_dir: str | None = knob(None, "decoded-image cache (default ~/.cache/tune-clipfh)",
                                  group="data")
-    eval_metric: Literal["cosine", "euclidean"] = knob("cosine", "retrieval distance",
-                                                       group="eval")
-    eval_ap: Literal["standard", "trapezoid"] = knob(
+    val_fold: int = knob(
+        0, "which training identities validate: 0 the prepared ones; k the k-th other group of "
+        "as many training identities, the prepared ones training instead (cross-validation; "
+        "selection never uses test identities)", low=0, high=1000, group="data")
+    eval_metric: Literal[EVAL_METRICS] = knob("cosine", "retrieval distance", group="eval")
+    eval_ap: Literal[AP_MODES] = knob(
         "standard", "AP definition (trapezoid: the MBA-Net variant)", group="eval")
     eval_feature: Literal["pre_bn", "post_bn", "concat"] = knob(
         "pre_bn", "retrieval feature: before or after the BNNeck, or concat (CLIP-ReID: the "
@@ -264,7 +281,7 @@ class RunConfig:
     # --- ours: execution ---
     seed: int = knob(0, "seed for every random stream", low=0, high=2**31 - 1)
     device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: cuda when available")
-    amp: Literal["auto", "off", "bf16", "fp16"] = knob(
+    amp: Literal[AMP_MODES] = knob(
         "auto", "mixed precision of the encoders on CUDA (auto: bf16 on compute capability "
         ">= 8.0, else fp16 with a gradient scaler); heads, losses and logits stay fp32; "
         "always fp32 on CPU")
@@ -286,9 +303,9 @@ class RunConfig:
     train_normalize: bool = knob(
         True, "CLIP-normalise train and validation inputs (false: [0,1] pixels while the test "
         "is normalised, B1)", group="as_run")
-    text_pool_prompt: Literal["eot", "sos", "mean"] = knob(
+    text_pool_prompt: Literal[TEXT_POOLS] = knob(
         "eot", "stage-1 text pooling (upstream: mean over all 77 tokens, B2/B3)", group="as_run")
-    text_pool_image: Literal["eot", "sos", "mean"] = knob(
+    text_pool_image: Literal[TEXT_POOLS] = knob(
         "eot", "stage-2 text pooling (upstream: SOS token, a constant vector, B2)",
         group="as_run")
     id_loss_head: Literal["id_head", "linear"] = knob(
@@ -301,8 +318,7 @@ class RunConfig:
     supcon_exclude_own_pair: bool = knob(
         False, "drop the own image-text pair from SupCon positives and denominator (B7)",
         group="as_run")
-    schedule_mode: Literal["per_stage", "v1_single_epoch_cosine", "v2_batch_then_epoch_cosine",
-                           "v3_double_onecycle", "v8_cyclic_batch_cosine"] = knob(
+    schedule_mode: Literal[SCHEDULE_MODES] = knob(
         "per_stage", "per_stage: a fresh schedule per stage; the v* modes replay upstream's "
         "scheduler call patterns on one shared optimizer (B8)", group="as_run")
     shared_optimizer_across_stages: bool = knob(
@@ -324,12 +340,17 @@ class RunConfig:
     def pk_p(self) -> int:
         return self.batch_size // self.pk_k
 
+    def stated_lr(self, group: str) -> float:
+        """The rate stated for a parameter group (visual, prompt, text, head): its own, else
+        the shared ``lr``."""
+        value = getattr(self, f"lr_{group}")
+        return self.lr if value is None else value
+
     def group_lr(self, group: str) -> float:
         """Learning rate a parameter group (visual, prompt, text, head) trains at: the stated
         rate, times the backbone's ``tiny_lr_scale`` for the pretrained towers in the tiny
         profile (the prompts and heads start from scratch in both profiles)."""
-        value = getattr(self, f"lr_{group}")
-        rate = self.lr if value is None else value
+        rate = self.stated_lr(group)
         if self.profile == "tiny" and group in PRETRAINED_GROUPS:
             return rate * BACKBONES[self.model].tiny_lr_scale
         return rate
@@ -359,6 +380,31 @@ class RunConfig:
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
 _TYPES = typing.get_type_hints(RunConfig)
+RATE_GROUPS = ("visual", "prompt", "text", "head")
+"""The parameter groups with a rate and a weight decay of their own (unset: the shared one)."""
+GROUP_KNOBS = tuple(f"{shared}_{group}" for shared in ("lr", "weight_decay")
+                    for group in RATE_GROUPS)
+NOT_TRAINING_KNOBS = frozenset(
+    [name for name, f in FIELDS.items() if f.metadata["group"] == "run"]
+    + list(IGNORED_UPSTREAM_KEYS)
+    + ["data_dir", "cache_dir", "val_fold", "limit_train_batches", "use_arcface",
+       "loss_use_arcface"])
+"""Knobs that say where, under which name or seed a run trains, what data it reads, or that
+repeat another knob (the ArcFace aliases of ``id_head``): two configurations that differ only
+in these train the same way."""
+
+
+def training_knobs(config: RunConfig) -> dict[str, Any]:
+    """What a configuration trains with: every knob but ``NOT_TRAINING_KNOBS``, each group's
+    rate and weight decay as in effect (its own, else the shared one) instead of as written."""
+    knobs = {name: getattr(config, name) for name in FIELDS
+             if name not in NOT_TRAINING_KNOBS and name not in GROUP_KNOBS
+             and name not in ("lr", "weight_decay")}
+    knobs["pretrained"] = config.resolved_pretrained
+    for group in RATE_GROUPS:
+        knobs[f"lr_{group}"] = config.stated_lr(group)
+        knobs[f"weight_decay_{group}"] = config.group_weight_decay(group)
+    return knobs
 
 
 # ------------------------------------------------------------------------------------------

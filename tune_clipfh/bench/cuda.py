@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..model.registry import THESIS_BACKBONES
 from .harness import Context, Row, make_row, skipped_row
 
 # Dense peak throughput (FLOP/s) by device-name fragment: (bf16 tensor core, fp32 non-tensor).
@@ -38,11 +39,6 @@ def seconds_per_step(step: Callable[[], None], device, steps: int) -> float:
         step()
     sync(device)
     return (time.perf_counter() - started) / steps
-
-
-# The backbones line 8 measures, chosen explicitly: ViT-L/14 (also in the registry) would make the
-# CPU test of this line's code too slow.
-CUDA_BACKBONES = ("vitb16", "rn50")
 
 
 def channels_last(model: str, device) -> bool:
@@ -167,7 +163,8 @@ def cuda_throughput(ctx: Context, device=None, profile: str = "full") -> list[Ro
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peaks = peak_flops(name)
     rows = []
-    for model in CUDA_BACKBONES:
+    # the thesis backbones, not the whole registry: ViT-L/14 would make this line's CPU test slow
+    for model in THESIS_BACKBONES:
         title = backbone_spec(model).label
         fp32 = train_step_throughput(model, profile, device, False, s.cuda_batch, s.cuda_steps,
                                      s.cuda_warmup)

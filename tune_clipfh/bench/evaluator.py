@@ -14,7 +14,8 @@ from .harness import Context, PeakRss, Row, make_row, timed
 
 def reference_rank_metrics(distance: np.ndarray, query_ids: np.ndarray,
                            gallery_ids: np.ndarray) -> dict[str, Any]:
-    """The standard CMC/AP/INP definition as a straightforward per-query NumPy loop.
+    """The standard CMC/AP/INP definition as a straightforward per-query NumPy loop: the one
+    reference that line 1 and ``tests/test_evaluation.py`` check ``rank_metrics`` against.
 
     Ranking uses ``np.argsort(kind="stable")``: ties go to the lower gallery index, the rule
     ``rank_metrics`` documents (an unstable sort could order tied items differently).

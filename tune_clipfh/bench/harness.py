@@ -64,6 +64,7 @@ class Settings:
     overhead_prompt_epochs: int = 3  # line 2; its image epochs are sized by a probe run so
     overhead_seconds: float = 25.0  # that the plain run lasts about this long (>= 20 s)
     overhead_repeats: int = 2  # plain / trial pairs, alternated
+    overhead_trials: int = 6  # line 2: short trials on two slots, to count the worker starts
     pipeline_epochs: int = 4
     pipeline_batch: int = 64  # the 224-px rows of line 3
     pipeline_store_images: int = 512
@@ -77,25 +78,36 @@ class Settings:
     memory_epochs: tuple[int, int] = (1, 1)
     driver_growth_bound_mb: float = 2.0  # MB of driver RSS per finished trial
     search_seeds: int = 3  # line 7: seeds of the versions and of the search
-    search_trials: int = 20  # per search seed, at most; the budget ends it sooner
-    search_budget_share: float = 0.5  # of the versions' trial-seconds per seed (the target)
+    search_trials: int = 60  # per search seed, at most; the budget ends it sooner
+    # shares of the versions' trial-seconds per seed a search may spend (the targets' two)
+    search_budget_shares: tuple[float, ...] = (0.5, 1.0)
+    # synthetic datasets: (identities, generator seed); (None, 0) is the embedded default
+    search_datasets: tuple[tuple[int | None, int], ...] = ((None, 0), (120, 1))
     # line 7's prompt and image epochs; None: the stated schedules (30 + 30; shorter ones end
     # before the tiny models gain). Early stopping is the tiny profile's: off
     search_epochs: tuple[int, int] | None = None
     search_versions: tuple[str, ...] | None = None  # line 7's hand-tuned versions; None: all
+    search_race_top: int | None = None  # line 7's race; None: the search's default
     cuda_batch: int = 64
     cuda_steps: int = 10
     cuda_warmup: int = 3
     lr_transfer_steps: int = 3  # AdamW steps per model (full-size ones on the CPU: ~20 s each)
 
 
+    def search_race(self) -> dict[str, Any]:
+        """Line 7's race options for ``search``: the default unless ``search_race_top``."""
+        return {} if self.search_race_top is None else {"race_top": self.search_race_top}
+
+
 FULL = Settings()
 QUICK = Settings(
-    mode="quick", eval_loop_queries=1000, eval_repeats=3, overhead_repeats=1, pipeline_epochs=3,
+    mode="quick", eval_loop_queries=1000, eval_repeats=3, overhead_repeats=1,
+    overhead_trials=4, pipeline_epochs=3,
     pipeline_store_images=256, pipeline_repeats=10, pipeline_steps=20, pipeline_cuda_repeats=2,
     prompt_epochs=3, concurrency_trials=2,
-    concurrency_epochs=(1, 3), memory_trials=10, search_seeds=1, search_trials=2,
-    search_epochs=(1, 2), cuda_steps=5, cuda_warmup=2, lr_transfer_steps=2)
+    concurrency_epochs=(1, 3), memory_trials=10, search_seeds=1, search_trials=3,
+    search_budget_shares=(1.0,), search_datasets=((None, 0),), search_epochs=(1, 2),
+    search_race_top=1, cuda_steps=5, cuda_warmup=2, lr_transfer_steps=2)
 
 
 @dataclass
@@ -382,7 +394,7 @@ class Context:
     def ensure_ray(self) -> None:
         import ray
 
-        from ..tune.experiment import init_ray
+        from ..tune.ray_session import init_ray
 
         if ray.is_initialized():
             return

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from ..model.registry import THESIS_BACKBONES
 from .harness import Context, Row, make_row
 
 FULL_STEPS_PER_EPOCH = math.ceil(890 / 32)  # spec 1.1: 11k dorsal-right, 890 training images
@@ -72,7 +73,7 @@ def relative_change_per_step(backbone_key: str, profile: str, pretrained: str, s
     return statistics.mean(changes)
 
 
-def line_lr_transfer(ctx: Context, backbones: tuple[str, ...] = ("vitb16", "rn50")) -> list[Row]:
+def line_lr_transfer(ctx: Context, backbones: tuple[str, ...] = THESIS_BACKBONES) -> list[Row]:
     """Per backbone: the measured scale against the registry's ``tiny_lr_scale``."""
     from ..model.backbone import ModelLoadError
     from ..model.registry import backbone_spec

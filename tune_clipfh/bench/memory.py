@@ -29,8 +29,8 @@ def driver_growth_per_trial(sampler: ProcessSampler, completions: list[float],
 
 
 def search_memory(ctx: Context) -> list[Row]:
-    from ..tune.experiment import search
     from ..tune.results import load_results
+    from ..tune.search import search
 
     trials = ctx.settings.memory_trials
     prompt, image = ctx.settings.memory_epochs

@@ -30,6 +30,9 @@ Policies:
 * Every random choice comes from its own numpy stream derived from the seed
   (`stream`), so each part is reproducible on its own (B14): e.g. split 3 does not
   change when ``num_splits`` or ``val_fraction`` change.
+* Validation folds (`validation_fold_view`, the knob ``val_fold``): fold 0 is the
+  prepared validation set; fold k >= 1 holds out the k-th group of as many of the
+  other training identities instead (cross-validation over training identities).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +72,8 @@ MIN_TRAIN_IDENTITIES = 2
 VAL_IDENTITIES_STREAM = 0
 VAL_GALLERY_STREAM = 1
 TEST_SPLIT_STREAM = 2
+VAL_FOLD_IDENTITIES_STREAM = 3
+VAL_FOLD_GALLERY_STREAM = 4
 
 _INTEGER_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -337,6 +343,60 @@ def carve_validation(
     val_groups = {i: s for i, s in train_groups.items() if i in val_ids}
     train = [s for i, samples in train_groups.items() if i not in val_ids for s in samples]
     return train, query_gallery_split(val_groups, stream(seed, VAL_GALLERY_STREAM))
+
+
+def validation_fold_count(manifest: Manifest) -> int:
+    """Fold 0 (the prepared validation identities) plus one fold per whole group of as many
+    other training identities; 1 when the manifest has no validation identities."""
+    size = len(_validation_identities(manifest))
+    return 1 + len(manifest.train_identities()) // size if size else 1
+
+
+def validation_fold_view(manifest: Manifest, fold: int, source: str = "manifest") -> Manifest:
+    """The manifest with validation fold ``fold`` held out of training.
+
+    Fold 0 is the manifest as prepared. Fold k >= 1 moves the prepared validation identities
+    back into training and holds out the k-th group of a seeded permutation of the other
+    training identities, each group as large as the prepared validation set, as a query/gallery
+    set with one gallery image per identity. The permutation depends only on the seed and those
+    identities, and each fold's gallery has its own stream, so fold k is the same however many
+    folds are used. Test splits are untouched. The view references the same image files, so it
+    shares the decoded image store. A fold that does not exist is a one-line DataError naming
+    ``source``.
+    """
+    if fold == 0:
+        return manifest
+    if manifest.identity_set != VAL_HELD_OUT:
+        raise DataError(
+            f"{source}: val_fold {fold} needs validation identities, but identity set"
+            f" {manifest.identity_set!r} has none (every training identity trains, as with"
+            " select_on: test_split0); valid: val_fold 0"
+        )
+    prepared_val = _validation_identities(manifest)
+    folds = validation_fold_count(manifest)
+    if not 0 <= fold < folds:
+        raise DataError(
+            f"{source}: val_fold {fold} does not exist (valid: 0 to {folds - 1}: 0 is the"
+            f" {len(prepared_val)} prepared validation identities, k the k-th group of as many"
+            f" of the {len(manifest.train_identities())} other training identities)"
+        )
+    pool = _group([*manifest.train, *manifest.val.query, *manifest.val.gallery])
+    others = [i for i in pool if i not in prepared_val]
+    order = stream(manifest.seed, VAL_FOLD_IDENTITIES_STREAM).permutation(len(others))
+    size = len(prepared_val)
+    fold_ids = {others[k] for k in order[(fold - 1) * size : fold * size]}
+    val_groups = {i: samples for i, samples in pool.items() if i in fold_ids}
+    return replace(
+        manifest,
+        train=[s for i, samples in pool.items() if i not in fold_ids for s in samples],
+        val=query_gallery_split(val_groups, stream(manifest.seed, VAL_FOLD_GALLERY_STREAM, fold)),
+        protocol={**manifest.protocol, "val_fold": fold},
+    )
+
+
+def _validation_identities(manifest: Manifest) -> set[str]:
+    # Every validation identity has exactly one gallery image (query_gallery_split).
+    return {s.identity for s in manifest.val.gallery}
 
 
 def build_manifest(

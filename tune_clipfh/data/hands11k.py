@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
+from ..names import ASPECT_PHRASES, ASPECTS
 from ._splits import (
     build_manifest,
     checked_groups,
@@ -47,12 +48,6 @@ from .manifest import VAL_HELD_OUT, Manifest, Sample
 
 CSV_NAME = "HandInfo.csv"
 IMAGES_DIR = "Hands"
-ASPECTS = {
-    "dorsal_r": "dorsal right",
-    "dorsal_l": "dorsal left",
-    "palmar_r": "palmar right",
-    "palmar_l": "palmar left",
-}
 UPSTREAM_THRESHOLDS = {"dorsal_r": 1050, "dorsal_l": 1037, "palmar_r": 1051, "palmar_l": 1042}
 REQUIRED_COLUMNS = ("id", "accessories", "aspectOfHand", "imageName")
 LAYOUT = f"expected the 11k Hands layout ({CSV_NAME} and {IMAGES_DIR}/)"
@@ -98,7 +93,7 @@ def prepare_11k(
     report["rows"] = _row_counts(rows, aspect)
     if report["rows"]["kept"] == 0:
         raise DataError(
-            f"{csv_path}: no row has aspectOfHand '{ASPECTS[aspect]}' and accessories 0"
+            f"{csv_path}: no row has aspectOfHand '{ASPECT_PHRASES[aspect]}' and accessories 0"
             f" ({len(rows)} rows read), so aspect {aspect} has no identities to prepare"
         )
     _refuse_mostly_missing(_candidates(rows, aspect), root, src, csv_path, aspect)
@@ -118,7 +113,7 @@ def prepare_11k(
         identity_set=identity_set,
         protocol={
             "source_csv": str(csv_path.resolve()),
-            "filter": f"accessories == 0 and aspectOfHand == '{ASPECTS[aspect]}'",
+            "filter": f"accessories == 0 and aspectOfHand == '{ASPECT_PHRASES[aspect]}'",
             "cross_aspect_gallery": cross_aspect_gallery,
         },
     )
@@ -182,7 +177,7 @@ def _inside_images_dir(name: str, csv_path: Path, line: int) -> str:
 
 
 def _row_counts(rows: list[_Row], aspect: str) -> dict:
-    this_aspect = [r for r in rows if r.aspect_of_hand == ASPECTS[aspect]]
+    this_aspect = [r for r in rows if r.aspect_of_hand == ASPECT_PHRASES[aspect]]
     with_accessories = sum(r.accessories != 0 for r in this_aspect)
     return {
         "total": len(rows),
@@ -196,7 +191,7 @@ def _candidates(rows: list[_Row], aspect: str) -> list[Sample]:
     return [
         Sample(r.image, r.identity)
         for r in rows
-        if r.accessories == 0 and r.aspect_of_hand == ASPECTS[aspect]
+        if r.accessories == 0 and r.aspect_of_hand == ASPECT_PHRASES[aspect]
     ]
 
 

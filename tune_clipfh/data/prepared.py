@@ -8,21 +8,24 @@ rows of one shared uint8 store, decoded once per (manifest, resolution).
 ``load_prepared(..., identity_set=...)`` picks the training identities: ``"val_held_out"``
 (validation identities held out of training; selection on them) or ``"upstream_all_train"``
 (upstream's set: every training identity trains, no validation set; upstream selected on test
-split 1, ``select_on: test_split0``). Both views of one manifest reference the same files, so
-they share one decoded store. `identity_set_for` maps ``select_on`` onto the set it needs.
+split 1, ``select_on: test_split0``). ``val_fold`` (0: as prepared) then picks which training
+identities validate (`validation_fold_view`). Every view of one manifest references the same
+files, so they share one decoded store. `identity_set_for` maps ``select_on`` onto the set it
+needs. Given a configuration's ``dataset`` and ``aspect``, ``load_prepared`` refuses a folder
+prepared for others (`check_prepared_for`) before it decodes anything.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ._splits import validation_fold_view
 from .errors import DataError
 from .hands11k import prepare_11k
 from .manifest import (
@@ -116,6 +119,20 @@ def identity_set_for(select_on: str) -> str:
     return IDENTITY_SET_FOR_SELECT_ON[select_on]
 
 
+def check_prepared_for(manifest: Manifest, dataset: str | None, aspect: str | None,
+                       data_dir) -> None:
+    """One-line DataError unless ``data_dir`` was prepared from ``dataset`` and, where it has
+    an aspect (11k; HD has none), for ``aspect``: the configuration's knobs of those names
+    (None: not checked)."""
+    wanted = {"dataset": dataset, "aspect": aspect}
+    prepared = {"dataset": manifest.dataset, "aspect": manifest.aspect}
+    for key, value in wanted.items():
+        if None not in (value, prepared[key]) and prepared[key] != value:
+            raise DataError(f"data_dir {data_dir}: key '{key}': {value}, but the folder was "
+                            f"prepared for {prepared[key]} (set {key}: {prepared[key]}, or "
+                            f"prepare a folder with --{key} {value})")
+
+
 def with_identity_set(manifest: Manifest, identity_set: str | None, source: str) -> Manifest:
     """The manifest viewed as ``identity_set`` (None: as prepared); one-line DataError if it
     cannot be (a manifest prepared without validation identities has none to hold out)."""
@@ -178,13 +195,19 @@ def _indices(samples: list[Sample], index: dict[str, int]) -> np.ndarray:
 
 def load_prepared(data_dir: str | Path, image_size: int, cache_dir: str | None = None,
                   progress: bool = True, gallery: str = "split",
-                  identity_set: str | None = None) -> PreparedData:
+                  identity_set: str | None = None, val_fold: int = 0,
+                  dataset: str | None = None, aspect: str | None = None) -> PreparedData:
     """Load a prepared folder and its decoded store at ``image_size`` pixels.
 
     ``identity_set`` (None: as prepared) views the manifest as ``"val_held_out"`` or
-    ``"upstream_all_train"``; see the module docstring and `identity_set_for`.
+    ``"upstream_all_train"``; see the module docstring and `identity_set_for`. ``val_fold``
+    then picks the validation identities (`validation_fold_view`). ``dataset`` and ``aspect``
+    (None: not checked) must be what the folder was prepared for (`check_prepared_for`).
     """
-    manifest = with_identity_set(load_manifest(data_dir), identity_set, str(data_dir))
+    manifest = load_manifest(data_dir)
+    check_prepared_for(manifest, dataset, aspect, data_dir)
+    manifest = with_identity_set(manifest, identity_set, str(data_dir))
+    manifest = validation_fold_view(manifest, val_fold, str(data_dir))
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     store = ImageStore.build(manifest, image_size, cache / "stores", progress=progress)
 
@@ -225,6 +248,3 @@ def load_prepared(data_dir: str | Path, image_size: int, cache_dir: str | None =
         test_splits=test_splits,
     )
 
-
-def print_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

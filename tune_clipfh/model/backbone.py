@@ -33,9 +33,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import UserError
+from ..names import UNFREEZE_MODES
 from .registry import BackboneSpec, UnknownBackbone, backbone_spec, check_profile
 
-UNFREEZE_MODES = ("last_n", "last_n_blocks", "all")
 TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer", "ln_final",
               "text_projection")
 """Attributes of open_clip's ``CLIP`` that make up the text tower."""
@@ -333,25 +333,3 @@ def configure_text_trainable(backbone: ClipBackbone, trainable: bool) -> list[st
             if trainable:
                 names.append(name)
     return names
-
-
-def trainable_parameters_report(module: nn.Module) -> dict[str, dict[str, int]]:
-    """Trainable and total parameter counts per group, for logging.
-
-    A backbone's parameters form the groups ``visual``, ``text`` and ``logit_scale``, wherever
-    the backbone sits inside ``module``; any other parameter counts under its top-level child.
-    """
-    report: dict[str, dict[str, int]] = {}
-    for name, param in module.named_parameters():
-        counts = report.setdefault(_parameter_group(name), {"trainable": 0, "total": 0})
-        counts["total"] += param.numel()
-        if param.requires_grad:
-            counts["trainable"] += param.numel()
-    return report
-
-
-def _parameter_group(name: str) -> str:
-    parts = name.split(".")
-    if "clip" in parts:
-        parts = parts[parts.index("clip") + 1:]
-    return "text" if parts[0] in TEXT_TOWER else parts[0]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ID_HEADS = ("linear", "arcface")
+from ..names import ID_HEADS
 
 
 class BNNeck(nn.BatchNorm1d):

@@ -17,16 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tune_clipfh.model.backbone import ClipBackbone
+from tune_clipfh.names import ASPECT_PHRASES, CTX_PLACEHOLDER, TEXT_POOLS
 
 DEFAULT_TEMPLATE = "A photo of a {ctx} {aspect} hand."
-CTX_PLACEHOLDER = "{ctx}"
-POOLS = ("eot", "sos", "mean")
-ASPECT_PHRASES = {
-    "dorsal_r": "dorsal right",
-    "dorsal_l": "dorsal left",
-    "palmar_r": "palmar right",
-    "palmar_l": "palmar left",
-}
 _PLACEHOLDER_WORD = "X"
 _PLACEHOLDER_FIELDS = {"ctx", "aspect"}
 
@@ -56,8 +49,9 @@ class PromptLearner(nn.Module):
                  ctx_init: str | None = None, aspect: str | None = None,
                  pool: str = "eot") -> None:
         super().__init__()
-        if pool not in POOLS:
-            raise ValueError(f"text_pool: {pool!r} is not valid (valid: {', '.join(POOLS)})")
+        if pool not in TEXT_POOLS:
+            raise ValueError(f"text_pool: {pool!r} is not valid "
+                             f"(valid: {', '.join(TEXT_POOLS)})")
         if identity_count < 1 or n_ctx < 1:
             raise ValueError(f"identity_count ({identity_count}) and n_ctx ({n_ctx}) must be >= 1")
         self._backbone = (backbone,)  # a tuple keeps the backbone out of this module's children

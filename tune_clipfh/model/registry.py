@@ -39,6 +39,8 @@ class BackboneSpec:
     one's at an equal rate (AdamW, 11k dorsal-right's 28 steps per epoch against the embedded
     dataset's 20; ``tune-clipfh bench --only 9``), so a version's rate moves the tiny weights
     as far, relatively, as it moves the full ones."""
+    thesis: bool
+    """The CLIP-FH thesis trained it (``THESIS_BACKBONES``)."""
 
     def architecture(self, profile: str) -> str:
         return self.arch if profile == "full" else self.tiny_arch
@@ -49,13 +51,16 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {spec.key: spec for spec in (
     BackboneSpec("vitb16", "ViT-B-16", "tiny-vit", blocks=12, image_size=224,
-                 channels_last=False, label="ViT-B/16", tiny_lr_scale=4.5),
+                 channels_last=False, label="ViT-B/16", tiny_lr_scale=4.5, thesis=True),
     BackboneSpec("rn50", "RN50", "tiny-rn", blocks=4, image_size=224,
-                 channels_last=True, label="RN50", tiny_lr_scale=2.3),
+                 channels_last=True, label="RN50", tiny_lr_scale=2.3, thesis=True),
     # not measured (no synthetic recipe yet): the ViT-B/16 factor
     BackboneSpec("vitl14", "ViT-L-14", "tiny-vit-l", blocks=24, image_size=224,
-                 channels_last=False, label="ViT-L/14", tiny_lr_scale=4.5),
+                 channels_last=False, label="ViT-L/14", tiny_lr_scale=4.5, thesis=False),
 )}
+THESIS_BACKBONES = tuple(key for key, spec in BACKBONES.items() if spec.thesis)
+"""What ``pretrain --backbone all``, the report's colours and the bench's per-backbone lines
+cover."""
 
 
 class UnknownBackbone(ValueError):

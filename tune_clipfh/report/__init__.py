@@ -14,8 +14,11 @@ Sections of the page:
 5. parameter importance of each search (fANOVA and PED-ANOVA);
 6. optimisation history of each search;
 7. CMC curves of the best configurations (chosen on validation);
-8. the summary: claims in words (what is beyond the seed noise, ``report.claims``) and the
-   summary table.
+8. the summary: each search's choice named in words (``tune.selection``, per backbone), the
+   claims (what is beyond the seed noise, ``report.claims``) and the summary table.
+
+A configuration is a version with its seeds or a search trial with its race runs
+(``tables.configuration_key``) in every table, figure and claim.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ from ..resources import resource_path
 from . import claims, figures, tables
 from .data import Experiment, load_experiment, load_zero_shot, param_importances
 from .page import Panel, Section, frame_table, render_page, sentence_list
+from .tables import METRIC_NAMES
 
 REFERENCE_CSV = resource_path("analysis", "thesis_clipfh_11k_dorsal_r_eval.csv")
 """The thesis's published per-version table (see analysis/README.md for its source)."""
 REPORT_NAME = "report.html"
-METRIC_NAMES = {"best_val_rank1": "validation Rank-1", "best_val_mAP": "validation mAP"}
 
 __all__ = ["REFERENCE_CSV", "build_report"]
 
@@ -71,7 +74,9 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
     configs = tables.configurations(trials) if not trials.empty else \
         tables.configurations(pd.DataFrame())
     comparison = tables.versus_reference(configs, reference)
-    claim_table, claim_reasons = claims.claims(trials, configs, given_zero_shots)
+    choices = claims.choices(trials, [claims.SearchExperiment.from_meta(e.name, e.meta, e.trials)
+                                      for e in experiments if e.kind == "search"])
+    claim_table, claim_reasons = claims.claims(trials, choices, given_zero_shots)
     labels = trial_labels(trials)
     protocol = [f"Thesis numbers not comparable: {protocol_note}"] \
         if not comparable and protocol_note else []
@@ -96,8 +101,9 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
         Section("CMC curves of the best configurations", [Panel(
             figures.cmc_figure(configs), caption=figures.CAPTIONS["cmc"],
             missing="no trial has a test CMC yet.")]),
-        Section("Summary: claims and top configurations", [
-            _claims_panel(claim_table, claim_reasons), _summary_panel(configs)]),
+        Section("Summary: the searches' choices, claims and top configurations", [
+            _choices_panel(choices), _claims_panel(claim_table, claim_reasons),
+            _summary_panel(configs)]),
     ]
     csvs = {
         "eval_table": tables.eval_table(trials),
@@ -121,15 +127,27 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
 
 
 def trial_labels(trials: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """``(experiment, trial_id)`` -> a short legend label (``vitb16 v1 s0``, ``search 1a2b``)."""
+    """``(experiment, trial_id)`` -> a short legend label (``vitb16 v1 s0``, ``search 1a2b``,
+    ``search 1a2b s1`` for a race run of search 1a2b)."""
     labels = {}
     for _, row in trials.iterrows():
         if row.get("kind") == "fixed":
             label = f"{row.get('backbone')} {row.get('version')} s{int(row.get('seed') or 0)}"
+        elif tables.first_run_id(row) != str(row["trial_id"]):
+            label = f"search {tables.first_run_id(row)} {_replicate(row)}"
         else:
             label = f"search {row['trial_id']}"
         labels[(row["experiment"], row["trial_id"])] = label
     return labels
+
+
+def _replicate(race_run: pd.Series) -> str:
+    """What a race run varied: ``s1`` (its seed) or ``fold 1`` (its validation fold; a
+    seed race keeps the prepared fold, 0)."""
+    fold = race_run.get(tables.FOLD_COLUMN)
+    if fold is not None and not pd.isna(fold) and int(fold):
+        return f"fold {int(fold)}"
+    return f"s{int(race_run.get('seed') or 0)}"
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -242,6 +260,12 @@ def _history_panels(experiments: list[Experiment]) -> list[Panel]:
     return panels or [Panel(missing="no search experiment read.")]
 
 
+def _choices_panel(made: list[claims.Choice]) -> Panel:
+    return Panel(html=sentence_list([claims.choice_sentence(c) for c in made]) if made else "",
+                 caption=claims.CHOICES_CAPTION,
+                 missing="no search experiment read: no choice to name.")
+
+
 def _claims_panel(claim_table: pd.DataFrame, reasons: list[str]) -> Panel:
     """The claims as sentences; the reasons for the claims not made as notes (or, with no
     claim at all, as the panel's missing reason)."""
@@ -258,6 +282,8 @@ def _summary_panel(configs: pd.DataFrame) -> Panel:
         "rank": summary["rank"], "configuration": summary["configuration"],
         "kind": summary["kind"], "backbone": summary["backbone"],
         "experiment": summary["experiment"], "seeds": summary["seeds"],
+        **({"folds": summary["folds"]} if summary["folds"].fillna("").astype(bool).any()
+           else {}),
         "status": summary["status"], "val R1 (%)": summary["val_rank1"],
         "val mAP (%)": summary["val_mAP"],
         "test R1 (%)": [_plus_minus(m, s) for m, s in zip(
@@ -269,7 +295,9 @@ def _summary_panel(configs: pd.DataFrame) -> Panel:
         "trained on": summary["trained_on"], "knobs": summary["knobs"]})
     return Panel(html=frame_table(shown, folded=("knobs",)),
                  caption="The ten best configurations by best validation Rank-1 (ties by "
-                         "mAP): seeds, validation and test metrics (test as mean ± std over "
+                         "mAP): seeds (a search configuration's race runs among them, with "
+                         "their validation folds when the race varied the fold), validation "
+                         "(mean over the seeds) and test metrics (test as mean ± std over "
                          "splits and seeds), total trial time, the device its trials ran on "
                          "(cpu, or the GPU and the node's card index), the identities it "
                          "trained on (the training identities minus the validation ones, or, "

@@ -17,6 +17,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ..loss_table import loss_columns
+from ..model.registry import THESIS_BACKBONES
 from .tables import (
     THESIS_LABEL,
     format_value,
@@ -27,7 +28,8 @@ from .tables import (
 )
 
 PALETTE = qualitative.Dark24 + qualitative.Light24
-BACKBONE_COLOURS = {"vitb16": "#1f77b4", "rn50": "#d62728"}
+# a fixed colour per thesis backbone (strict: a new one needs its colour here); others fall back
+BACKBONE_COLOURS = dict(zip(THESIS_BACKBONES, ("#1f77b4", "#d62728"), strict=True))
 SEARCH_COLOUR = "#2ca02c"
 THESIS_COLOUR = "#7f7f7f"
 MAX_PARALLEL_DIMENSIONS = 30

@@ -27,8 +27,9 @@ CSV files written by ``write_csvs``:
   - ``rank1``, ``rank5``, ``rank10``, ``map``: validation metrics in percent, 2 decimals;
   - ``is_best``: ``yes`` when that epoch became the selected (best) one, else ``no``.
 * ``configurations.csv``: one row per configuration (a fixed version x backbone over its seeds,
-  or one search trial): mean and std over splits and seeds, best validation, time, and the
-  devices its trials ran on (``device``: ``cpu`` or the GPU's name and the node's card index).
+  or a search trial with its race runs, ``race_of``, as its seeds or validation folds): mean
+  and std over splits and seeds, best validation (mean over its runs), time, and the devices
+  its trials ran on (``device``: ``cpu`` or the GPU's name and the node's card index).
 * ``summary.csv``: the summary table (configurations ranked by validation).
 * ``versus_thesis.csv``: per version and backbone, ours against the thesis's numbers.
 * ``claims.csv``: the summary's claims, signal or seed noise (``report.claims``).
@@ -46,13 +47,18 @@ import numpy as np
 import pandas as pd
 
 from ..evaluation import UPSTREAM_COLUMNS, upstream_table_row
+from ..tune.searcher import RACE_OF
 
 METRICS = ("rank1", "rank5", "rank10", "mAP")
 CMC_RANKS = tuple(range(1, 21))
 STOPPED_EARLY = ("stopped_by_scheduler", "early_stopped")
 NOT_KNOBS = {"version", "backbone", "kind", "thesis_run", "experiment", "data_dir", "cache_dir",
              "output_dir", "seed", "device", "amp", "checkpoint_every",
-             "checkpoint_min_interval_s"}
+             "checkpoint_min_interval_s", RACE_OF, "val_fold"}
+RACE_COLUMN = f"config/{RACE_OF}"
+"""A race run's ``config/race_of``: the trial id of its configuration's first run."""
+FOLD_COLUMN = "config/val_fold"
+METRIC_NAMES = {"best_val_rank1": "validation Rank-1", "best_val_mAP": "validation mAP"}
 TRAIN_COLUMNS = ("version", "epoch", "learning_rate", "loss_id", "loss_triplet", "loss_center",
                  "loss_i2t", "loss_t2i", "rank1", "rank5", "rank10", "map", "is_best")
 RUN_COLUMNS = ("trial_id", "seed", "backbone", "experiment")
@@ -182,9 +188,18 @@ def _missing(value: Any) -> bool:
 
 
 def configuration_key(row: pd.Series) -> str:
+    """A trial's configuration: a version of a backbone (its seeds), or a search trial with
+    its race runs."""
     if row.get("kind") == "fixed":
         return f"{row.get('experiment')}/{row.get('backbone')}-{row.get('version')}"
-    return f"{row.get('experiment')}/{row.get('trial_id')}"
+    return f"{row.get('experiment')}/{first_run_id(row)}"
+
+
+def first_run_id(row: pd.Series) -> str:
+    """The trial id of a search trial's configuration's first run (``race_of`` for a race
+    run, else its own)."""
+    race_of = row.get(RACE_COLUMN)
+    return str(row.get("trial_id") if _missing(race_of) else race_of)
 
 
 def run_name(row: pd.Series) -> str:
@@ -192,6 +207,12 @@ def run_name(row: pd.Series) -> str:
     if row.get("kind") == "fixed" and not _missing(row.get("version")):
         return str(row["version"])
     return f"search-{row.get('trial_id')}"
+
+
+def configuration_name(row: pd.Series) -> str:
+    """``v1`` .. ``v10`` for a version, ``search-<first run's trial id>`` for a search
+    configuration (the same for all its runs)."""
+    return run_name(row) if row.get("kind") == "fixed" else f"search-{first_run_id(row)}"
 
 
 def split_count(trials: pd.DataFrame) -> int:
@@ -224,13 +245,19 @@ def pooled(rows: pd.DataFrame, metric: str, splits: int) -> tuple[float, float]:
 def configurations(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration, metrics in percent, test rows pooled over splits and seeds.
 
-    A fixed configuration is (experiment, backbone, version) over its seeds; every search trial
-    is its own configuration. ``tested`` counts the seeds with test metrics.
+    A fixed configuration is (experiment, backbone, version) over its seeds; a search
+    configuration is a search trial with its race runs (``configuration_key``), which count as
+    its seeds (``folds``: their validation folds, when a race varied the fold). ``tested``
+    counts the seeds with test metrics.
     """
     if trials.empty:
         return pd.DataFrame(columns=["key", "label", "kind", "rank1", "mAP"])
     trials = trials.copy()
     trials["key"] = trials.apply(configuration_key, axis=1)
+    if RACE_COLUMN in trials:
+        # a configuration's first run leads its group: its label and knobs are the group's
+        trials = trials.sort_values(RACE_COLUMN, key=lambda race_of: race_of.notna(),
+                                    kind="stable")
     knobs = hover_knobs(trials)
     splits = split_count(trials)
     rows = []
@@ -240,8 +267,10 @@ def configurations(trials: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {
             "key": key, "experiment": first["experiment"], "kind": first["kind"],
             "backbone": first.get("backbone"), "version": first.get("version"),
-            "label": run_name(first), "trial_ids": ", ".join(map(str, group["trial_id"])),
+            "label": configuration_name(first),
+            "trial_ids": ", ".join(map(str, group["trial_id"])),
             "seeds": ", ".join(str(int(s)) for s in sorted(group["seed"].dropna())),
+            "folds": folds_text(group),
             "n_trials": len(group), "tested": len(tested),
             "status": ", ".join(sorted({str(s) for s in group["status"].fillna("unfinished")})),
             "stopped_early": bool(group["status"].isin(STOPPED_EARLY).any()),
@@ -266,6 +295,13 @@ def configurations(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def folds_text(runs: pd.DataFrame) -> str:
+    """The validation folds of a configuration's runs (a race that varied the fold); '' when
+    every run validated on the prepared fold, 0."""
+    folds = sorted(int(f) for f in runs[FOLD_COLUMN].fillna(0)) if FOLD_COLUMN in runs else []
+    return ", ".join(map(str, folds)) if any(folds) else ""
+
+
 def ranked(configs: pd.DataFrame, metric: str = "val_rank1") -> pd.DataFrame:
     """Configurations best first by a VALIDATION metric (selection never looks at test)."""
     if configs.empty:
@@ -286,7 +322,8 @@ def summary_table(configs: pd.DataFrame, top: int | None = 10,
         "configuration": best.get("label", pd.Series(dtype=str)),
         "kind": best.get("kind"), "backbone": best.get("backbone"),
         "experiment": best.get("experiment"), "trials": best.get("trial_ids"),
-        "seeds": best.get("seeds"), "status": best.get("status"),
+        "seeds": best.get("seeds"), "folds": best.get("folds"),
+        "status": best.get("status"),
         "val_rank1": best.get("val_rank1"), "val_mAP": best.get("val_mAP"),
         "test_rank1": best.get("rank1"), "test_rank1_std": best.get("rank1_std"),
         "test_mAP": best.get("mAP"), "test_mAP_std": best.get("mAP_std"),
@@ -371,12 +408,16 @@ def _reference_row(reference: pd.DataFrame | None, backbone: Any, version: Any) 
 def optimisation_history(trials: pd.DataFrame, history: pd.DataFrame,
                          metric: str = "best_val_rank1") -> pd.DataFrame:
     """One row per trial of a search: its value (percent), best so far by trial number (start
-    order) and by cumulative compute time (end order), and whether it was stopped early."""
+    order) and by cumulative compute time (end order), and whether it was stopped early. Race
+    runs count in the compute but not in the best so far (they re-measure a configuration)."""
     if trials.empty or metric not in trials:
         return pd.DataFrame(columns=["trial_id", "number", "value", "best_by_number",
                                      "compute_s", "best_by_time", "stopped_early", "status"])
     frame = trials[["trial_id", metric, "status", "time_total_s"]].copy()
     frame["value"] = 100 * frame[metric]
+    # a race run measures a configuration again: it costs compute, but is no new point
+    raced = trials[RACE_COLUMN].notna() if RACE_COLUMN in trials else False
+    frame["explored"] = frame["value"].where(~raced)
     frame["order"] = range(len(frame))
     start, end = {}, {}
     if not history.empty and {"timestamp", "time_total_s"} <= set(history.columns):
@@ -388,11 +429,12 @@ def optimisation_history(trials: pd.DataFrame, history: pd.DataFrame,
     frame["end"] = frame["trial_id"].map(end)
     by_start = frame.sort_values(["start", "order"], na_position="last", kind="stable")
     frame.loc[by_start.index, "number"] = range(1, len(frame) + 1)
-    frame["best_by_number"] = _best_so_far(frame.loc[by_start.index, "value"]).reindex(
+    frame["best_by_number"] = _best_so_far(frame.loc[by_start.index, "explored"]).reindex(
         frame.index)
     by_end = frame.sort_values(["end", "order"], na_position="last", kind="stable")
     frame.loc[by_end.index, "compute_s"] = by_end["time_total_s"].fillna(0).cumsum()
-    frame["best_by_time"] = _best_so_far(frame.loc[by_end.index, "value"]).reindex(frame.index)
+    frame["best_by_time"] = _best_so_far(frame.loc[by_end.index, "explored"]).reindex(
+        frame.index)
     frame["stopped_early"] = frame["status"].isin(STOPPED_EARLY)
     frame["number"] = frame["number"].astype(int)
     return frame.sort_values("number").reset_index(drop=True)[
@@ -401,7 +443,7 @@ def optimisation_history(trials: pd.DataFrame, history: pd.DataFrame,
 
 
 def _best_so_far(values: pd.Series) -> pd.Series:
-    return values.astype(float).cummax()
+    return values.astype(float).cummax().ffill()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..names import OPTIMIZERS, SCHEDULES
 from .parts import ReIDModel
 from .upstream_schedules import UpstreamSchedules
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "onecycle", "step", "constant")
 
 
 @dataclass

@@ -13,7 +13,6 @@ from ..model.heads import LinearHead, ReIDHead
 from ..model.prompt import PromptLearner
 
 PART_NAMES = ("backbone", "prompts", "head", "center", "loss_head")
-FEATURES = ("raw", "pre_bn", "post_bn", "concat")
 
 
 class ReIDModel(nn.Module):

@@ -13,14 +13,14 @@ from collections.abc import Iterable
 
 import torch
 
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+from ..names import AMP_MODES
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The encoders' autocast dtype: none on CPU or with ``amp: off``; ``auto`` picks bf16 only
     where the card computes it natively (compute capability >= 8.0), else fp16."""
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"amp: {amp!r} is not valid (valid: {', '.join(AMP_CHOICES)})")
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp: {amp!r} is not valid (valid: {', '.join(AMP_MODES)})")
     if device.type != "cuda" or amp == "off":
         return None
     if amp == "auto":

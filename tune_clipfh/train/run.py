@@ -69,10 +69,19 @@ def prepare_data(config: RunConfig, log: Callable[[str], None] = stderr_log,
                  progress: bool = True) -> PreparedData:
     """Resolve ``data_dir`` (synthesising the embedded default when absent) and load it."""
     data_dir = resolve_data_dir(config.data_dir, config.cache_dir, log=log)
+    return load_data_for(config, data_dir, config.cache_dir, progress)
+
+
+def load_data_for(config: RunConfig, data_dir: str | Path, cache_dir: str | None,
+                  progress: bool = True) -> PreparedData:
+    """A prepared folder as ``config`` trains on it: at its backbone's input size, with the
+    identity set and validation fold it selects on; refused, before anything is decoded, when
+    it was prepared for another ``dataset`` or ``aspect`` than ``config``'s."""
     # as-run selection on test split 1 trains on all training identities, as upstream did (B11)
     return load_prepared(data_dir, backbone_spec(config.model).input_size(config.profile),
-                         cache_dir=config.cache_dir, progress=progress,
-                         identity_set=identity_set_for(config.select_on))
+                         cache_dir=cache_dir, progress=progress,
+                         identity_set=identity_set_for(config.select_on),
+                         val_fold=config.val_fold, dataset=config.dataset, aspect=config.aspect)
 
 
 def best_checkpoint(trainer: Trainer) -> dict[str, Any]:

@@ -38,12 +38,11 @@ from ..loss_table import TOTAL_COLUMNS, LossInputs, weighted_terms
 from ..losses import rescale_center_grads
 from ..model.backbone import configure_visual_trainable
 from ..model.registry import backbone_spec
-from .evaluate import Evaluator
+from .evaluate import EXPECTED_METRICS, Evaluator
 from .optim import OptimizerFactory, StageOptimization, group_learning_rates
 from .parts import ReIDModel
 from .precision import Precision, autocast_dtype
 
-STATUSES = ("completed", "early_stopped", "diverged")
 RAN_TO_END = ("completed", "early_stopped")  # a diverged run ends before its schedule does
 
 
@@ -188,7 +187,8 @@ class Trainer:
             test = self.evaluator.test()
         return TrainResult(status=self.status,
                            epochs_run=self._epochs_run(), best_epoch=self.best["epoch"],
-                           best_val={"rank1": self.best["rank1"], "mAP": self.best["mAP"]},
+                           best_val={name: self.best.get(name, math.nan)
+                                     for name in ("rank1", "mAP", *EXPECTED_METRICS)},
                            test=test, diverged_at=self.diverged_at, history=self.history)
 
     def _epochs_run(self) -> dict[str, int]:
@@ -338,6 +338,7 @@ class Trainer:
         improved = (val["rank1"], val["mAP"]) > (self.best["rank1"], self.best["mAP"])
         if improved:
             self.best.update(rank1=val["rank1"], mAP=val["mAP"], epoch=epoch,
+                             **{name: val[name] for name in EXPECTED_METRICS},
                              state=self.model_state(copy_tensors=True))
             self.patience = 0
         else:
@@ -357,9 +358,13 @@ class Trainer:
             else val.get("rank1", nan)
         best_map = max(self.best["mAP"], val.get("mAP", -1.0)) if in_image_stage \
             else val.get("mAP", nan)
+        # the kept epoch's values (before it, the current ones): what a search ranks trials by
+        kept = self.best if in_image_stage and self.best["epoch"] is not None else val
         return {"val_rank1": val.get("rank1", nan), "val_rank5": val.get("rank5", nan),
                 "val_rank10": val.get("rank10", nan), "val_mAP": val.get("mAP", nan),
-                "best_val_rank1": best_r1, "best_val_mAP": best_map}
+                **{f"val_{name}": val.get(name, nan) for name in EXPECTED_METRICS},
+                "best_val_rank1": best_r1, "best_val_mAP": best_map,
+                **{f"best_val_{name}": kept.get(name, nan) for name in EXPECTED_METRICS}}
 
     # ------------------------------------------------------------------ shared steps
     def _check_finite(self, loss: torch.Tensor, stage: str, epoch: int) -> None:

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch.optim import lr_scheduler
 
-UPSTREAM_MODES = ("v1_single_epoch_cosine", "v2_batch_then_epoch_cosine",
-                  "v3_double_onecycle", "v8_cyclic_batch_cosine")
+from ..names import UPSTREAM_SCHEDULE_MODES
 
 
 class _StageStepper:
@@ -52,9 +51,9 @@ class UpstreamSchedules:
 
     def __init__(self, mode: str, optimizer: torch.optim.Optimizer, epochs_prompt: int,
                  epochs_image: int, batches_per_epoch: int, eta_min: float):
-        if mode not in UPSTREAM_MODES:
+        if mode not in UPSTREAM_SCHEDULE_MODES:
             raise ValueError(f"schedule_mode {mode!r} is not an upstream mode (valid: "
-                             f"{', '.join(UPSTREAM_MODES)})")
+                             f"{', '.join(UPSTREAM_SCHEDULE_MODES)})")
         cosine = lr_scheduler.CosineAnnealingLR
         if mode == "v1_single_epoch_cosine":
             single = cosine(optimizer, T_max=epochs_prompt, eta_min=eta_min)

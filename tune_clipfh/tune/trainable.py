@@ -4,7 +4,9 @@ Per epoch it reports the core's metrics (losses, every group's rate, validation 
 their running best, epoch time) and, every ``checkpoint_every`` epochs, a checkpoint holding the
 whole training state; on restart it resumes from ``tune.get_checkpoint()``. A last row carries the
 10-split test metrics as ``test_*`` columns, the run's ``status`` and ``final = 1`` (a trial
-without that row was stopped by the scheduler). Every row says where the trial runs: ``device``
+without that row was stopped by the scheduler). ``image_epoch`` counts image-stage epochs (0 in
+the prompt stage): ASHA compares trials on it, so trials with prompt stages of different
+lengths meet at the same point of their image stage. Every row says where the trial runs: ``device``
 (``cpu``, ``cuda:0``), ``gpu_name`` and ``gpu_ids`` (the node's cards Ray gave it).
 """
 
@@ -21,14 +23,15 @@ import torch
 from ray import tune
 
 from ..config import ConfigError, build_config
-from ..data.prepared import identity_set_for, load_prepared
-from ..model.registry import backbone_spec
-from ..train.run import load_torch, save_torch
+from ..train.evaluate import EXPECTED_METRICS
+from ..train.run import load_data_for, load_torch, save_torch
 from ..train.stages import DeviceUnavailable, EpochRecord, Trainer, pick_device
 
 STATE_FILE = "state.pt"
-META_KEYS = ("version", "backbone", "kind", "thesis_run", "behaviour", "ablation")
+META_KEYS = ("version", "backbone", "kind", "thesis_run", "behaviour", "ablation", "race_of")
 """Trial-config keys that describe the trial rather than configure training."""
+NO_SCORE = {f"best_val_{name}": 0.0 for name in ("rank1", "mAP", *EXPECTED_METRICS)}
+"""The scores of a trial that could not train (the searcher learns to avoid its region)."""
 
 
 def trial_knobs(trial_config: dict[str, Any], base_knobs: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +59,15 @@ def test_columns(test: dict[str, Any] | None) -> dict[str, float]:
     return columns
 
 
+def stage_seconds(history: list[dict[str, Any]]) -> dict[str, float]:
+    """``prompt_seconds`` and ``image_seconds``: each stage's summed epoch times (what a
+    search's budget learns a trial's cost from)."""
+    totals = {"prompt_seconds": 0.0, "image_seconds": 0.0}
+    for row in history:
+        totals[f"{row['stage']}_seconds"] += float(row.get("epoch_time_s", 0.0))
+    return totals
+
+
 def device_columns(device: torch.device | None) -> dict[str, str]:
     """``device`` (``cpu``, ``cuda:0``, ``none``), ``gpu_name`` and ``gpu_ids`` (the node's
     cards Ray assigned to the trial) of a trial running on ``device``."""
@@ -77,8 +89,7 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
     except ConfigError as exc:
         # A sampled combination the schema refuses (e.g. every loss off): record it, scored 0,
         # so the searcher learns to avoid it and the experiment goes on.
-        tune.report({"final": 1, "status": "invalid_config", "error": str(exc),
-                     "best_val_rank1": 0.0, "best_val_mAP": 0.0})
+        tune.report({"final": 1, "status": "invalid_config", "error": str(exc), **NO_SCORE})
         return
     try:
         device = pick_device(config.device)
@@ -86,15 +97,12 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
         # device: cuda, but Ray gave the trial no card (or the node's CUDA is broken): recorded
         # as such, never run on the CPU instead.
         tune.report({"final": 1, "status": "device_unavailable", "error": str(exc),
-                     **device_columns(None), "best_val_rank1": 0.0, "best_val_mAP": 0.0})
+                     **device_columns(None), **NO_SCORE})
         return
     where = device_columns(device)
     # A trial's torch threads follow the CPUs Ray gave it (Ray sets OMP_NUM_THREADS).
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    # as-run selection on test split 1 trains on all training identities, as upstream did (B11)
-    data = load_prepared(data_dir, backbone_spec(config.model).input_size(config.profile),
-                         cache_dir=cache_dir, progress=False,
-                         identity_set=identity_set_for(config.select_on))
+    data = load_data_for(config, data_dir, cache_dir, progress=False)
     where = {**where, "identity_set": data.manifest.identity_set,
              "train_identities": len(data.identities)}
     trainer = Trainer(config, data, log=lambda line: print(line, flush=True), progress=False,
@@ -114,6 +122,7 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
     def on_epoch(record: EpochRecord) -> None:
         nonlocal last_checkpoint
         metrics = {**record.metrics, "stage": record.stage, "stage_epoch": record.epoch,
+                   "image_epoch": record.epoch if record.stage == "image" else 0,
                    "epoch": record.iteration, "final": 0, "node_id": node_id, **where}
         due = record.iteration % config.checkpoint_every == 0 and \
             time.monotonic() - last_checkpoint >= config.checkpoint_min_interval_s
@@ -138,8 +147,12 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
                  "best_val_rank1", 0.0),
              "best_val_mAP": result.best_val["mAP"] if selected else last.get(
                  "best_val_mAP", 0.0),
+             **{f"best_val_{name}": result.best_val[name] if selected else last.get(
+                 f"best_val_{name}", 0.0) for name in EXPECTED_METRICS},
              "epochs_prompt_run": result.epochs_run["prompt"],
              "epochs_image_run": result.epochs_run["image"],
+             "image_epoch": result.epochs_run["image"],
+             **stage_seconds(result.history),
              **test_columns(result.test)}
     if result.diverged_at is not None:
         final["diverged_stage"] = result.diverged_at["stage"]

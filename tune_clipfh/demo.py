@@ -1,0 +1,122 @@
+"""``tune-clipfh demo`` (``make demo``): the main job on the embedded default, in minutes.
+
+On the synthetic 11k-like dataset with the tiny CLIPs pretrained on synthetic captioned hands:
+
+1. the tiny RN50's zero-shot evaluation: what fine-tuning has to beat;
+2. ``reproduce``: the best thesis version of RN50 in the miniature (v5) with two seeds, so the
+   report knows its seed noise, and two versions of ViT-B/16 with one seed, whose miniature
+   shows the mechanics only (it stays at its zero-shot floor, README);
+3. ``search`` on RN50, the backbone whose miniature learns, warm-started with the measured
+   version and ending with a race of its best configuration;
+4. the report, whose claims compare the search's choice and the version with RN50's zero-shot
+   and with each other, each against its seed noise, and ``best``'s configuration file.
+
+The schedules are shortened (``DEMO_SCHEDULES``: RN50 needs about 30 image epochs to gain over
+its zero-shot start) so that it all fits in about five minutes on 2 CPU cores; what they give
+is in docs/usage.md, "The demo". ``tune-clipfh train --config configs/tiny_synthetic.yaml``
+is the single run (README, "A five-minute tour").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import load_config
+from .resources import resource_path
+
+DEMO_CONFIG = resource_path("configs", "tiny_synthetic.yaml")
+SEARCHED = "rn50"
+"""The backbone the demo searches: the one whose miniature learns (README)."""
+DEMO_SCHEDULES = {"rn50": {"epochs_prompt": 3, "epochs_image": 30},
+                  "vitb16": {"epochs_prompt": 3, "epochs_image": 8}}
+"""The demo's stage lengths per backbone (warm-ups shorten with them; the search keeps them
+fixed). Early stopping is the tiny profile's (off)."""
+DEMO_VERSIONS = {"rn50": ["v5"], "vitb16": ["v1", "v5"]}
+DEMO_SEEDS = {"rn50": 2, "vitb16": 1}
+
+
+def run_demo(out: str | Path, identities: int, num_samples: int, max_concurrent: int,
+             gpus_per_trial: float | str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the four steps under ``out``; returns the folders written."""
+    from .data.prepared import default_cache_dir, synthetic_dataset, synthetic_default
+    from .report import build_report
+    from .train.run import result_lines, zero_shot_run
+    from .tune.best import describe_choice, write_choice
+    from .tune.experiment import ExperimentOptions, reproduce
+    from .tune.results import summarize_experiment
+    from .tune.search import search
+
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data_dir = synthetic_dataset(default_cache_dir(),
+                                 **{**synthetic_default(), "identities": identities}).resolve()
+    folders: dict[str, Any] = {}
+
+    log(f"== 1/4 zero-shot: the pretrained tiny {SEARCHED} on {identities} synthetic "
+        f"identities, no training")
+    zero_config = load_config(DEMO_CONFIG, [f"data_dir={data_dir}"]).config
+    folders["zero_shot"] = out / f"zero-shot-{SEARCHED}-{stamp}"
+    zero = zero_shot_run(zero_config, folders["zero_shot"], progress=False)
+    log(f"  test {result_lines(zero['test'])[0]}")
+
+    def options(name: str, backbone: str, **kwargs: Any) -> ExperimentOptions:
+        return ExperimentOptions(storage=str(out / "ray"), profile="tiny", data=str(data_dir),
+                                 name=f"{name}-{stamp}", overrides=dict(DEMO_SCHEDULES[backbone]),
+                                 max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
+                                 **kwargs)
+
+    folders["reproduce"] = []
+    for backbone in (SEARCHED, "vitb16"):
+        schedule = DEMO_SCHEDULES[backbone]
+        log(f"== 2/4 reproduce {', '.join(DEMO_VERSIONS[backbone])} of {backbone} "
+            f"({DEMO_SEEDS[backbone]} seed(s), {schedule['epochs_prompt']} + "
+            f"{schedule['epochs_image']} epochs)")
+        path = reproduce([backbone], DEMO_VERSIONS[backbone],
+                         options(f"reproduce-{backbone}", backbone, seeds=DEMO_SEEDS[backbone]))
+        folders["reproduce"].append(path)
+        log(summarize_experiment(path))
+
+    log(f"== 3/4 search {SEARCHED} beyond v10 ({num_samples} trials, its race run included, "
+        f"warm-started with the measured version)")
+    # warm_start=False: no other version runs first; the measured one warm-starts the study
+    folders["search"] = search(None, num_samples, _objective(), SEARCHED,
+                               str(folders["reproduce"][0]), options("search", SEARCHED),
+                               warm_start=False, race_top=1)
+    log(summarize_experiment(folders["search"]))
+    lines, knobs = describe_choice(folders["search"])
+    folders["best"] = write_choice(knobs, folders["search"] / "best_config.yaml")
+    log("\n".join(lines))
+
+    log("== 4/4 report")
+    folders["report"] = build_report([*folders["reproduce"], folders["search"]],
+                                     out / f"report-{stamp}",
+                                     zero_shot_dirs=[folders["zero_shot"]])
+    claims = _claims(folders["report"].parent / "claims.csv")
+    log("claims (report, section 8):" if claims else "claims: none could be made")
+    for claim in claims:
+        log(f"  {claim}")
+    log(f"\ndemo finished in {time.perf_counter() - started:.0f}s; results:\n"
+        f"  zero-shot:     {folders['zero_shot']}\n"
+        + "".join(f"  reproduce:     {p}\n" for p in folders["reproduce"])
+        + f"  search:        {folders['search']}\n"
+        f"  its choice:    {folders['best']} (tune-clipfh train --config ...)\n"
+        f"  report:        {folders['report']}")
+    return folders
+
+
+def _objective() -> str:
+    from .tune.defaults import OBJECTIVE
+
+    return OBJECTIVE
+
+
+def _claims(path: Path) -> list[str]:
+    import pandas as pd
+
+    if not path.is_file():
+        return []
+    return [str(c) for c in pd.read_csv(path)["claim"]]
