@@ -376,7 +376,12 @@ def test_a_race_reruns_the_best_and_best_hands_the_choice_on(ray_session, tmp_pa
     """Two configurations explore, the better is run again with the next seed (not stopped by
     ASHA, not in the study); ``best`` chooses by the mean over its runs and writes a config
     that ``train --config`` takes as it is."""
-    space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
+    # a list-valued choice: what best writes must be what the trials trained with
+    space_file = _write(tmp_path / "space.yaml", SMALL_SPACE + """
+  prompt_template_list:
+    type: categorical
+    choices: {two: ["a {ctx} hand.", "the {ctx} of a person."]}
+""")
     path = search(str(space_file), 3, "rank1_at_test_size", "vitb16", None,
                   ExperimentOptions(name="race", storage=str(tmp_path / "ray"),
                                     overrides={"seed": 4}),
@@ -401,6 +406,7 @@ def test_a_race_reruns_the_best_and_best_hands_the_choice_on(ray_session, tmp_pa
     chosen = read_yaml(tmp_path / "best.yaml")
     assert chosen["lr_visual"] == pytest.approx(first["config/lr_visual"])
     assert chosen["epochs_image"] == 3 and chosen["model"] == "vitb16"
+    assert chosen["prompt_template_list"] == ["a {ctx} hand.", "the {ctx} of a person."]
     build_config(chosen, "best.yaml")  # what train --config does with it
     assert main(["best", str(tmp_path)]) == 2  # not a search experiment: one line
     assert "no experiment here" in capsys.readouterr().err

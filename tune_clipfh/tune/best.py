@@ -17,7 +17,7 @@ import yaml
 
 from ..config import build_config
 from ..errors import UserError
-from .results import experiment_meta, load_results
+from .results import experiment_meta, load_results, trial_config
 from .selection import Configuration, Selection, select
 from .trainable import META_KEYS
 
@@ -45,11 +45,16 @@ def choose(experiment: str | Path, metric: str | None = None) -> tuple[Selection
     return selection, meta
 
 
-def chosen_knobs(winner: Configuration, meta: dict[str, Any]) -> dict[str, Any]:
-    """Every knob the chosen configuration trained with, typed as the schema types them."""
-    knobs = {**(meta.get("base_knobs") or {}), **winner.knobs} if winner.kind == "search" \
-        else dict(winner.knobs)
-    knobs = {k: v for k, v in knobs.items() if k not in META_KEYS and v is not None}
+def chosen_knobs(winner: Configuration, meta: dict[str, Any],
+                 experiment: str | Path) -> dict[str, Any]:
+    """Every knob the chosen configuration trained with (its first run's trial config over
+    the search's base knobs, or the version's knobs), typed as the schema types them."""
+    if winner.kind == "search":
+        config = trial_config(experiment, winner.trial_ids[0])
+        knobs = {**(meta.get("base_knobs") or {}), **config}
+    else:
+        knobs = dict(winner.knobs)
+    knobs = {k: v for k, v in knobs.items() if k not in META_KEYS and k != "fixed"}
     knobs["seed"] = winner.seeds[0]
     knobs["experiment"] = f"{meta.get('study_name', 'search')}-best"
     config = build_config(knobs, f"the choice of {meta.get('study_name', 'the search')}").config
@@ -95,7 +100,7 @@ def describe_choice(experiment: str | Path, metric: str | None = None) -> tuple[
     for config in selection.candidates[:CANDIDATES_SHOWN]:
         lines.append(f"  {config.label}: validation {_percent(config.val_mean, config.val_std)}"
                      f" over {config.runs} run{'s' if config.runs > 1 else ''}")
-    return lines, chosen_knobs(winner, meta)
+    return lines, chosen_knobs(winner, meta, experiment)
 
 
 def write_choice(knobs: dict[str, Any], out: str | Path) -> Path:

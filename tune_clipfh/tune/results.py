@@ -52,6 +52,16 @@ def load_results(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def trial_config(path: str | Path, trial_id: str) -> dict[str, Any]:
+    """A trial's config as Tune gave it (list values kept, which ``load_results`` leaves out
+    of its flat columns)."""
+    analysis = ExperimentAnalysis(str(Path(path).resolve()))
+    for trial in analysis.trials:
+        if trial.trial_id == trial_id:
+            return dict(trial.config or {})
+    raise KeyError(f"{path}: no trial {trial_id}")
+
+
 def trial_seconds_per_seed(frame: pd.DataFrame) -> float:
     """The trial-seconds (summed ``time_total_s``) an experiment's trials took per seed."""
     return float(frame["time_total_s"].sum()) / frame["seed"].nunique()
