@@ -236,12 +236,12 @@ def test_weighted_terms_are_the_active_rows_times_their_weights():
     features = torch.randn(4, 8)
     inputs = LossInputs(config, labels, 10.0, features=features, bn_features=features,
                         logits=torch.randn(4, 2), identity_text=torch.randn(2, 8),
-                        center=CenterLoss(2, 8))
+                        states={"center": CenterLoss(2, 8)})
     terms = weighted_terms(config, "image", inputs)
     assert set(terms) == {"loss_id", "loss_center", "loss_i2t"}
     assert float(terms["loss_id"].detach()) == pytest.approx(2.0 * float(F.cross_entropy(inputs.logits, labels)))
     assert float(terms["loss_center"].detach()) == pytest.approx(
-        0.5 * float(inputs.center(features, labels).detach()))
+        0.5 * float(inputs.states["center"](features, labels).detach()))
     image_only = build_config({"stage_mode": "image_only"}, "test").config
     assert "loss_i2t" not in weighted_terms(image_only, "image", inputs)  # needs stage-1 prompts
 

@@ -23,7 +23,8 @@ import pytest
 
 import tune_clipfh
 import tune_clipfh.resources as resources
-from tune_clipfh.cli import DEMO_CONFIG, main
+from tune_clipfh.cli import main
+from tune_clipfh.demo import DEMO_CONFIG
 from tune_clipfh.report import REFERENCE_CSV
 from tune_clipfh.tune.space import DEFAULT_SPACE
 from tune_clipfh.tune.versions import VERSIONS_AS_RUN_FILE, VERSIONS_FILE

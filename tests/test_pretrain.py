@@ -34,7 +34,6 @@ from tune_clipfh.model import pretrain as pretrain_module
 from tune_clipfh.model.backbone import ModelLoadError, create_backbone
 from tune_clipfh.model.pretrain import (
     BUILD_THREADS,
-    RECIPES,
     Recipe,
     batch_order,
     build_corpus,
@@ -45,9 +44,15 @@ from tune_clipfh.model.pretrain import (
     train_contrastive,
     weights_path,
 )
+from tune_clipfh.model.registry import BACKBONES
 
 TINY = Recipe(identities=6, images_per_identity=2, steps=2, batch_size=8, warmup_steps=1)
 """A recipe of seconds, for everything but the loss-lowering test."""
+
+
+def use_recipe(monkeypatch, key: str, recipe: Recipe) -> None:
+    """Give a registry entry another pretraining recipe for one test."""
+    monkeypatch.setitem(BACKBONES, key, dataclasses.replace(BACKBONES[key], recipe=recipe))
 
 
 def attributes(**changes) -> HandAttributes:
@@ -120,7 +125,7 @@ def test_corpus_identities_are_disjoint_from_evaluation_datasets():
         Recipe(namespace=0)
     with pytest.raises(ValueError, match="sleeve"):
         Recipe(caption_fields=("tone", "sleeve"))
-    assert all(recipe.namespace >= 1 for recipe in RECIPES.values())
+    assert all(spec.recipe.namespace >= 1 for spec in BACKBONES.values() if spec.recipe)
 
 
 def test_the_corpus_matches_the_stored_pixels_and_is_deterministic():
@@ -165,14 +170,15 @@ def test_a_small_run_lowers_the_contrastive_loss():
                                  batch_size=16, warmup_steps=2, lr=3e-3)
     corpus = build_corpus(recipe, seed=0, image_size=64)
     model = create_model("tiny-rn", seed=0)
-    losses = train_contrastive(model, open_clip.get_tokenizer("tiny-rn"), corpus, recipe, seed=0)
+    losses = train_contrastive(model, open_clip.get_tokenizer("tiny-rn"), corpus, recipe, seed=0,
+                               channels_last=True)
     assert len(losses) == recipe.steps
     assert np.mean(losses[-5:]) < 0.8 * losses[0]
 
 
 def test_same_seed_same_weights_and_the_global_rng_is_left_alone():
     def weights(seed):
-        model, losses, _ = pretrain_module.pretrain_model("tiny-rn", TINY, seed)
+        model, losses, _ = pretrain_module.pretrain_model("rn50", TINY, seed)
         return model.state_dict(), losses
 
     torch.manual_seed(123)
@@ -220,7 +226,7 @@ def test_pretrain_builds_once_then_reuses_and_force_rebuilds(tmp_path):
 
 
 def test_pretrained_synthetic_builds_on_first_use_then_reuses(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(RECIPES, "rn50", TINY)
+    use_recipe(monkeypatch, "rn50", TINY)
     backbone = create_backbone("rn50", "tiny", "synthetic", cache_dir=tmp_path)
     built = capsys.readouterr().err.splitlines()
     assert len([line for line in built if line.startswith("[model]")]) == 1
@@ -237,7 +243,7 @@ def test_pretrained_synthetic_builds_on_first_use_then_reuses(monkeypatch, tmp_p
 
 
 def test_the_pretrain_verb_says_where_and_how_long(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(RECIPES, "rn50", TINY)
+    use_recipe(monkeypatch, "rn50", TINY)
     argv = ["pretrain", "--backbone", "rn50", "--cache-dir", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr()
@@ -255,7 +261,7 @@ def test_pretrained_synthetic_is_the_shipped_file_no_build(key, tmp_path, capsys
     assert shipped is not None and shipped.name == weights_path(key, tmp_path).name
     assert shipped.stat().st_size <= 10 * 2**20
     record = json.loads(shipped.with_suffix(".json").read_text())
-    assert record["recipe"] == json.loads(json.dumps(dataclasses.asdict(RECIPES[key])))
+    assert record["recipe"] == json.loads(json.dumps(dataclasses.asdict(BACKBONES[key].recipe)))
     backbone = create_backbone(key, "tiny", "synthetic", cache_dir=tmp_path)
     assert "[model]" not in capsys.readouterr().err and not (tmp_path / "pretrained").exists()
     saved = torch.load(shipped, weights_only=True)

@@ -652,8 +652,8 @@ def test_checkpoints_are_loaded_with_weights_only():
     assert loads and all(safe for _, safe in loads), loads
     # open_clip loads a weights file with weights_only too; only OpenAI's own TorchScript
     # archive format (which cannot be read weights-only) goes through torch.jit.
-    backbone = (PACKAGE / "model" / "backbone.py").read_text()
-    assert "weights_only=False" not in backbone and backbone.count("weights_only=not torchscript")
+    loader = (PACKAGE / "model" / "weights.py").read_text()
+    assert "weights_only=False" not in loader and loader.count("weights_only=not torchscript")
 
 
 def test_no_shell_eval_or_exec_on_user_strings():

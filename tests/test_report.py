@@ -757,3 +757,6 @@ def test_optimisation_history_counts_race_runs_in_compute_not_in_the_best_so_far
     assert frame["value"].tolist() == [50.0, 60.0, 90.0]
     assert frame["best_by_number"].tolist() == [50.0, 60.0, 60.0]
     assert frame["compute_s"].tolist() == [10.0, 30.0, 60.0]
+    no_race = tables.optimisation_history(trials.drop(columns=[tables.RACE_COLUMN]),
+                                          pd.DataFrame())
+    assert no_race["best_by_number"].tolist() == [50.0, 60.0, 90.0]

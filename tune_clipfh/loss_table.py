@@ -1,4 +1,5 @@
-"""The losses of both stages as one table: the only place a new loss is added.
+"""The losses of both stages as one table: a new loss is one row here (plus its function in
+:mod:`.losses` and its knobs in the config schema).
 
 Each row names its history column, the knob that switches it on, the knob that weighs it and the
 function that computes it from a :class:`LossInputs`. The image epoch sums the active rows, the
@@ -7,6 +8,13 @@ and loss figure are built from the same rows.
 
 A row's function returns the unweighted loss; the trainer multiplies by the weight knob, so the
 logged column is the weighted term that enters the total.
+
+A stateful row (the centre loss) also owns parameters: ``state`` builds the module that holds
+them, which the model keeps as a part named after the row (so checkpoints save it) and the row's
+function finds in ``LossInputs.states``. They train with an SGD of their own at the rate of the
+``state_lr`` knob, stepped when the ``state_updates`` knob allows, after ``rescale_state_grads``
+(given the row's weight) has adjusted their gradients. The model, the optimizer factory and the
+trainer read these fields; none of them names a loss.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ class LossInputs:
     bn_features: Any = None  # stage 2: after the BNNeck
     logits: Any = None  # stage 2: ID-head logits
     identity_text: Any = None  # stage 2: [identities, dim] text feature of every identity
-    center: Any = None  # stage 2: the CenterLoss module
+    states: Any = None  # row name -> the module holding a stateful row's parameters
     image: Any = None  # stage 1: cached image features
     text: Any = None  # stage 1: prompt text features
 
@@ -43,6 +51,19 @@ class LossTerm:
     function: Callable[[LossInputs], Any]
     title: str  # how reports name it
     needs_prompt_stage: bool = False  # compares with learnt prompts, so needs stage 1
+    state: Callable[[int, int], Any] | None = None
+    """A stateful row's parameters: (identity count, feature dim) -> the nn.Module holding
+    them. Built for every run, active or not, so the model's parts and its random stream do
+    not depend on the toggles."""
+    state_lr: str | None = None  # RunConfig float knob: the rate of its parameters' own SGD
+    state_updates: str | None = None  # RunConfig bool knob: step its parameters (None: always)
+    rescale_state_grads: Callable[[Any, float], None] | None = None
+    """(its module, its weight) -> adjusts the parameters' gradients before they step."""
+
+    def __post_init__(self):
+        if (self.state is None) != (self.state_lr is None):
+            raise ValueError(f"loss row {self.name!r}: a row with state needs state_lr (the "
+                             f"knob of its rate), and only such a row takes one")
 
     @property
     def column(self) -> str:
@@ -52,6 +73,9 @@ class LossTerm:
         if not getattr(config, self.toggle):
             return False
         return not self.needs_prompt_stage or config.stage_mode == "prompt_then_image"
+
+    def updates_state(self, config: Any) -> bool:
+        return self.state_updates is None or bool(getattr(config, self.state_updates))
 
 
 def _supcon(x: LossInputs, anchors: Any, contrasts: Any) -> Any:
@@ -71,7 +95,9 @@ LOSS_TABLE: tuple[LossTerm, ...] = (
              lambda x: losses.batch_hard_triplet(x.features, x.labels, x.config.triplet_margin),
              "triplet"),
     LossTerm("center", "image", "loss_use_center", "center_loss_weight",
-             lambda x: x.center(x.bn_features, x.labels), "center"),
+             lambda x: x.states["center"](x.bn_features, x.labels), "center",
+             state=losses.CenterLoss, state_lr="center_lr", state_updates="update_centers",
+             rescale_state_grads=losses.rescale_center_grads),
     LossTerm("i2t", "image", "loss_use_i2t", "weight_i2t",
              lambda x: losses.image_to_text_ce(x.features, x.identity_text, x.labels,
                                                x.logit_scale, x.config.label_smoothing),
@@ -85,6 +111,11 @@ def stage_terms(stage: str) -> tuple[LossTerm, ...]:
 
 def active_terms(config: Any, stage: str) -> tuple[LossTerm, ...]:
     return tuple(term for term in stage_terms(stage) if term.active(config))
+
+
+def stateful_terms() -> tuple[LossTerm, ...]:
+    """The rows with parameters of their own, in table order (the model builds them so)."""
+    return tuple(term for term in LOSS_TABLE if term.state is not None)
 
 
 def weighted_terms(config: Any, stage: str, inputs: LossInputs) -> dict[str, Any]:

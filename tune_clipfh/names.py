@@ -17,6 +17,11 @@ ASPECT_PHRASES = {
 """11k Hands' aspects: our key -> its ``aspectOfHand`` value in ``HandInfo.csv``, which is also
 how a prompt's ``{aspect}`` reads."""
 ASPECTS = tuple(ASPECT_PHRASES)
+ASPECTS_OF_HAND = tuple(ASPECT_PHRASES.values())  # HandInfo.csv's aspectOfHand values
+CAPTION_FIELDS = ("tone", "view", "ring", "nails", "bracelet", "tilt", "marks")
+"""Every field a synthetic image's caption can name, in the order they are written."""
+DEFAULT_CAPTION_FIELDS = ("tone", "view", "ring", "nails", "marks")
+"""The identity-level fields: the same caption for every image of one hand and aspect."""
 
 # --- model and prompt ---
 CTX_PLACEHOLDER = "{ctx}"

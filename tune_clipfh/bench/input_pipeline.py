@@ -233,18 +233,51 @@ def pipeline_224(ctx: Context) -> list[Row]:
     the whole batch computed on this CPU against the old per-image path, side by side."""
     import torch
 
-    from ..data.loader import BatchLoader
-    from ..data.store import draw_augment
     from ..model.registry import backbone_spec
 
     s = ctx.settings
     size = backbone_spec(PIPELINE_MODEL).input_size("full")
     batch = s.pipeline_batch
-    store = synthetic_store(s.pipeline_store_images, size)
     aug = pipeline_augment()
-    rng = np.random.default_rng(0)
-    batches = [rng.choice(len(store), batch, replace=False) for _ in range(8)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t = _time_224(s, size, aug, device)
+    where = "CUDA (pinned, non-blocking copies)" if device.type == "cuda" else "this CPU"
+    return [
+        make_row(3, "host_224", f"input pipeline: host ms per {batch}-image batch, {size} px",
+                 1e3 * t["host_s"], "ms", ("<=", 5.0),
+                 f"device path on {where}: draw the parameters, gather the uint8 rows of the "
+                 f"store into one buffer, pack the per-image numbers, launch the copies; the "
+                 f"transforms run on the device (flip, pad-crop {aug.pad_crop} px, erasing "
+                 f"p={aug.random_erasing}); with the store resident on the device "
+                 f"{1e3 * t['resident_host_s']:.2f} ms; median of {s.pipeline_repeats}, "
+                 f"1 thread", {"host_s": t["host_s"], "resident_host_s": t["resident_host_s"]}),
+        make_row(3, "cpu_speedup_224",
+                 f"input pipeline: batched vs per-image path on the CPU, {batch} x {size} px",
+                 t["legacy_s"] / t["cpu_s"], "x", (">", 1.0),
+                 f"whole batch (gather, flip, pad-crop, erasing, normalise) computed on this "
+                 f"CPU: {1e3 * t['cpu_s']:.0f} ms batched vs {1e3 * t['legacy_s']:.0f} ms the "
+                 f"old way (float normalise first, one slice copy and one erasing step per "
+                 f"image); median of {t['cpu_repeats']}, 1 thread; most of the rest is writing "
+                 f"the 38 MB float batch (page faults of fresh memory included)",
+                 {"batched_s": t["cpu_s"], "legacy_s": t["legacy_s"]}),
+    ]
+
+
+def _store_and_batches(s, size: int, count: int, seed: int):
+    """A synthetic store of ``size`` px images and ``count`` batches of distinct rows of it."""
+    store = synthetic_store(s.pipeline_store_images, size)
+    rng = np.random.default_rng(seed)
+    return store, [rng.choice(len(store), s.pipeline_batch, replace=False) for _ in range(count)]
+
+
+def _time_224(s, size: int, aug, device) -> dict[str, float]:
+    """The medians behind ``pipeline_224``'s rows, in seconds per batch (one thread)."""
+    import torch
+
+    from ..data.loader import BatchLoader
+    from ..data.store import draw_augment
+
+    store, batches = _store_and_batches(s, size, count=8, seed=0)
     generator = torch.Generator().manual_seed(0)
     cycle = itertools.cycle(batches)
 
@@ -269,26 +302,8 @@ def pipeline_224(ctx: Context) -> list[Row]:
         repeats = max(3, s.pipeline_repeats // 4)
         cpu_s = _median_s(lambda: next(on_cpu.epoch([next_rows()])), repeats)
         legacy_s = _median_s(lambda: legacy_batch(store, next_rows(), aug, generator), repeats)
-    where = "CUDA (pinned, non-blocking copies)" if device.type == "cuda" else "this CPU"
-    return [
-        make_row(3, "host_224", f"input pipeline: host ms per {batch}-image batch, {size} px",
-                 1e3 * host_s, "ms", ("<=", 5.0),
-                 f"device path on {where}: draw the parameters, gather the uint8 rows of the "
-                 f"store into one buffer, pack the per-image numbers, launch the copies; the "
-                 f"transforms run on the device (flip, pad-crop {aug.pad_crop} px, erasing "
-                 f"p={aug.random_erasing}); with the store resident on the device "
-                 f"{1e3 * resident_host_s:.2f} ms; median of {s.pipeline_repeats}, 1 thread",
-                 {"host_s": host_s, "resident_host_s": resident_host_s}),
-        make_row(3, "cpu_speedup_224",
-                 f"input pipeline: batched vs per-image path on the CPU, {batch} x {size} px",
-                 legacy_s / cpu_s, "x", (">", 1.0),
-                 f"whole batch (gather, flip, pad-crop, erasing, normalise) computed on this "
-                 f"CPU: {1e3 * cpu_s:.0f} ms batched vs {1e3 * legacy_s:.0f} ms the old way "
-                 f"(float normalise first, one slice copy and one erasing step per image); "
-                 f"median of {repeats}, 1 thread; most of the rest is writing the 38 MB float "
-                 f"batch (page faults of fresh memory included)",
-                 {"batched_s": cpu_s, "legacy_s": legacy_s}),
-    ]
+    return {"host_s": host_s, "resident_host_s": resident_host_s, "cpu_s": cpu_s,
+            "legacy_s": legacy_s, "cpu_repeats": repeats}
 
 
 def cuda_wait_share(ctx: Context, device=None, profile: str = "full",
@@ -300,7 +315,7 @@ def cuda_wait_share(ctx: Context, device=None, profile: str = "full",
 
     from ..data.loader import BatchLoader
     from ..model.registry import backbone_spec
-    from .cuda import channels_last, make_train_step, sync
+    from .cuda import channels_last, make_train_step
 
     if device is None:
         if not torch.cuda.is_available():
@@ -310,9 +325,7 @@ def cuda_wait_share(ctx: Context, device=None, profile: str = "full",
     s = ctx.settings
     size = backbone_spec(model).input_size(profile)
     batch = s.pipeline_batch
-    store = synthetic_store(s.pipeline_store_images, size)
-    rng = np.random.default_rng(1)
-    batches = [rng.choice(len(store), batch, replace=False) for _ in range(s.pipeline_steps)]
+    store, batches = _store_and_batches(s, size, count=s.pipeline_steps, seed=1)
     amp = device.type == "cuda"
     step, labels = make_train_step(model, profile, device, amp, batch)
     aug = pipeline_augment()
@@ -330,25 +343,12 @@ def cuda_wait_share(ctx: Context, device=None, profile: str = "full",
         for images, _ in loader.epoch(batches, seed=0):
             step(images, labels)
 
-    def run(fn) -> float:
-        sync(device)
-        started = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - started
-
     for _ in range(max(1, s.cuda_warmup)):
         step(ready, labels)
     fed(loaders["resident"])  # warm: allocator, worker thread, side stream
-    times: dict[str, list[float]] = {"fixed": [], "resident": [], "staged": []}
-    for _ in range(s.pipeline_cuda_repeats):  # alternated, medians
-        times["fixed"].append(run(fixed))
-        times["resident"].append(run(lambda: fed(loaders["resident"])))
-        times["staged"].append(run(lambda: fed(loaders["staged"])))
-    fixed_s, resident_s, staged_s = (statistics.median(times[k])
-                                     for k in ("fixed", "resident", "staged"))
-    share = max(0.0, 1 - fixed_s / resident_s)
-    staged_share = max(0.0, 1 - fixed_s / staged_s)
+    fixed_s, resident_s, staged_s = _alternated_medians(
+        device, s.pipeline_cuda_repeats,
+        (fixed, lambda: fed(loaders["resident"]), lambda: fed(loaders["staged"])))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     note = (f"{name}; {backbone_spec(model).label} stage-2 step, {'bf16' if amp else 'fp32'}, "
             f"batch {batch}, {size} px, {len(batches)} steps per epoch: "
@@ -357,13 +357,32 @@ def cuda_wait_share(ctx: Context, device=None, profile: str = "full",
             f"side stream); median of {s.pipeline_cuda_repeats} alternated runs")
     return [
         make_row(3, "cuda_wait", "input pipeline on CUDA: data wait share, store on device",
-                 100 * share, "%", ("<=", 5.0), note,
+                 100 * max(0.0, 1 - fixed_s / resident_s), "%", ("<=", 5.0), note,
                  {"fixed_s": fixed_s, "fed_s": resident_s}),
         make_row(3, "cuda_wait_staged",
-                 "input pipeline on CUDA: data wait share, store on the host", 100 * staged_share,
-                 "%", None, note + "; uint8 rows gathered on the host into pinned memory",
+                 "input pipeline on CUDA: data wait share, store on the host",
+                 100 * max(0.0, 1 - fixed_s / staged_s), "%", None,
+                 note + "; uint8 rows gathered on the host into pinned memory",
                  {"fixed_s": fixed_s, "fed_s": staged_s}),
     ]
+
+
+def _alternated_medians(device, repeats: int, runs) -> list[float]:
+    """Each run's median wall time over ``repeats`` rounds, the runs alternated in each."""
+    from .cuda import sync
+
+    def run(fn) -> float:
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - started
+
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for measured, fn in zip(times, runs, strict=True):
+            measured.append(run(fn))
+    return [statistics.median(measured) for measured in times]
 
 
 def line_input_pipeline(ctx: Context) -> list[Row]:

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..names import CAPTION_FIELDS, DEFAULT_CAPTION_FIELDS
 from .synth import HandAttributes
 
-CAPTION_FIELDS = ("tone", "view", "ring", "nails", "bracelet", "tilt", "marks")
-"""Every field a caption can name, in the order they are written."""
-DEFAULT_CAPTION_FIELDS = ("tone", "view", "ring", "nails", "marks")
-"""The identity-level fields: the same caption for every image of one hand and aspect."""
 TILT_DEGREES = 5.0
 """A rotation beyond this many degrees is written as a tilt; within it, as level."""
 _COUNTS = ("no", "one", "two", "three", "four", "five", "six")

@@ -43,12 +43,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from ..names import ASPECT_PHRASES
+from ..names import ASPECTS_OF_HAND
 from .errors import DataError
 
 COLUMNS = ("id", "age", "gender", "skinColor", "accessories", "nailPolish", "aspectOfHand",
            "imageName", "irregularities")
-ASPECTS_OF_HAND = tuple(ASPECT_PHRASES.values())  # HandInfo.csv's aspectOfHand values
 SKIN_TONES = {
     "very fair": (238, 205, 185),
     "fair": (225, 180, 150),

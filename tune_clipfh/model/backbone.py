@@ -1,7 +1,8 @@
-"""CLIP backbones from open_clip: one factory, architectures as data.
+"""CLIP backbones from open_clip: one factory, architectures as data; freezing and unfreezing.
 
 The backbones and their two profiles (``full``: the open_clip architecture at 224 px; ``tiny``:
-a narrow config with the same block count, for CPUs) are entries of :mod:`.registry`.
+a narrow config with the same block count, for CPUs) are entries of :mod:`.registry`, which
+also says each image tower's kind; where the weights come from is :mod:`.weights`.
 
 Every model is built with QuickGELU, the activation the OpenAI weights were trained with, so a
 model is the same architecture whether it starts from random init, ``openai`` or a weights file.
@@ -12,43 +13,24 @@ A freshly created backbone is entirely frozen; :func:`configure_visual_trainable
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
-import warnings
-import zipfile
-from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import open_clip
 import torch
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import try_to_load_from_cache
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-from open_clip.modified_resnet import ModifiedResNet
-from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import UserError
 from ..names import UNFREEZE_MODES
+from . import open_clip_configs  # noqa: F401  (registers the tiny configs with open_clip)
+from .errors import ModelLoadError
 from .registry import BackboneSpec, UnknownBackbone, backbone_spec, check_profile
+from .weights import create_clip, weights_file
 
 TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer", "ln_final",
               "text_projection")
 """Attributes of open_clip's ``CLIP`` that make up the text tower."""
-
-CONFIG_DIR = Path(__file__).parent / "configs"
-open_clip.add_model_config(CONFIG_DIR)
-
-_HUB_PROBE_TIMEOUT_S = 3.0
-_TRUE_ENV_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads HF_HUB_OFFLINE
-
-
-class ModelLoadError(UserError):
-    """A backbone that cannot be built or loaded, explained in one user-facing line."""
+TOWER_BLOCKS = {"resnet": "ResNet stages layer1..layer4", "vit": "ViT resblocks"}
+"""What ``unfreeze_blocks`` counts in each kind of image tower, as error messages say it."""
 
 
 class ClipBackbone(nn.Module):
@@ -75,7 +57,7 @@ class ClipBackbone(nn.Module):
     def visual_blocks(self) -> list[nn.Module]:
         """The blocks ``unfreeze_blocks`` counts: ViT resblocks, or ResNet layer1..layer4."""
         visual = self.clip.visual
-        if isinstance(visual, ModifiedResNet):
+        if self.spec.tower == "resnet":
             return [visual.layer1, visual.layer2, visual.layer3, visual.layer4]
         return list(visual.transformer.resblocks)
 
@@ -83,7 +65,7 @@ class ClipBackbone(nn.Module):
     def visual_head_parameters(self) -> list[nn.Parameter]:
         """The image-tower layers after the last block: ViT ln_post and proj, RN50 attnpool."""
         visual = self.clip.visual
-        if isinstance(visual, ModifiedResNet):
+        if self.spec.tower == "resnet":
             return list(visual.attnpool.parameters())
         return [*visual.ln_post.parameters(), visual.proj]
 
@@ -104,7 +86,7 @@ class ClipBackbone(nn.Module):
         after ln_post and after proj; RN50's spatially averaged layer4 map and the attention
         pool's output (CLIP-ReID's two test features)."""
         visual = self.clip.visual
-        if isinstance(visual, ModifiedResNet):
+        if self.spec.tower == "resnet":
             x = visual.stem(images)
             for block in self.visual_blocks:
                 x = block(x)
@@ -136,158 +118,14 @@ def _spec(model: str, profile: str) -> BackboneSpec:
 
 def create_backbone(model: str, profile: str = "full", pretrained: str = "none",
                     cache_dir: str | os.PathLike | None = None) -> ClipBackbone:
-    """Build a frozen backbone.
-
-    ``pretrained``: ``none`` (random init), ``openai`` (full profile only; taken from the local
-    open_clip / Hugging Face cache, downloaded only when the hub is reachable), ``synthetic``
-    (tiny profile only; contrastive pretraining on synthetic captioned hands, built under the
-    tune-clipfh cache ``cache_dir`` on first use, see :mod:`.pretrain`) or the path of a
-    weights file that open_clip loads (a state dict, a checkpoint with a ``state_dict`` key, or
-    an OpenAI TorchScript ``.pt``).
-    """
+    """Build a frozen backbone from the weights ``pretrained`` names (see :mod:`.weights`:
+    ``none``, ``openai``, ``synthetic`` or a file path; ``cache_dir`` is where ``openai`` and
+    ``synthetic`` weights are looked up and ``synthetic`` ones built)."""
     spec = _spec(model, profile)
-    arch = spec.architecture(profile)
-    if pretrained == "none":
-        weights = None
-    elif pretrained == "openai":
-        if profile == "tiny":
-            raise ModelLoadError("pretrained: openai exists only for the full profile; the tiny "
-                                 "profile takes synthetic, none or a path to a weights file")
-        weights = _openai_weights_file(arch, cache_dir)
-    elif pretrained == "synthetic":
-        if profile != "tiny":
-            raise ModelLoadError("pretrained: synthetic exists only for the tiny profile; the "
-                                 "full profile takes openai, none or a path to a weights file")
-        from .pretrain import synthetic_weights  # it imports this module
-
-        weights = synthetic_weights(model, cache_dir)
-    else:
-        weights = Path(pretrained).expanduser().resolve()
-        if not weights.is_file():
-            raise ModelLoadError(f"pretrained: weights file {weights} does not exist (valid: "
-                                 f"openai, synthetic, none or the path of a weights file)")
-    clip = _create_clip(arch, weights)
+    weights = weights_file(spec, profile, pretrained, cache_dir)
+    clip = create_clip(spec.architecture(profile), weights)
     clip.requires_grad_(False)
     return ClipBackbone(clip, spec, profile)
-
-
-def _create_clip(arch: str, weights: Path | None) -> open_clip.CLIP:
-    if weights is None:
-        return open_clip.create_model(arch, force_quick_gelu=True)
-    torchscript = _is_torchscript(weights)
-    try:
-        with _quiet_torchscript_load():
-            # a TorchScript archive cannot be read with weights_only; it is OpenAI's own format
-            return open_clip.create_model(arch, pretrained=str(weights), force_quick_gelu=True,
-                                          weights_only=not torchscript)
-    except Exception as exc:  # open_clip and torch raise many types for a file that does not fit
-        raise ModelLoadError(_describe_unfit_weights(weights, arch, torchscript, exc)) from exc
-
-
-@contextlib.contextmanager
-def _quiet_torchscript_load() -> Iterator[None]:
-    """Silence torch's notes that it hands a TorchScript archive to the deprecated jit loader."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*TorchScript archive")
-        warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated")
-        yield
-
-
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files holding a ``constants.pkl`` record (as torch checks)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
-
-
-def _describe_unfit_weights(path: Path, arch: str, torchscript: bool, exc: Exception) -> str:
-    """One line naming the file, the architecture and a few mismatched keys or shapes."""
-    reason = _first_line(exc)
-    try:
-        with _quiet_torchscript_load():
-            found = open_clip.factory.load_state_dict(str(path), weights_only=not torchscript)
-    except Exception:  # the file itself is unreadable: the loader's own error says why
-        return f"pretrained: {path} is not a weights file open_clip can read ({reason})"
-    expected = open_clip.create_model(arch, force_quick_gelu=True).state_dict()
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k} file {list(found[k].shape)} vs model {list(expected[k].shape)}"
-              for k in expected if k in found and hasattr(found[k], "shape")
-              and found[k].shape != expected[k].shape]
-    parts = [f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
-             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                 ("shape mismatches", shapes)) if keys]
-    details = "; ".join(parts) or reason
-    return f"pretrained: {path} does not fit the {arch} architecture: {details}"
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _openai_weights_file(arch: str, cache_dir: str | os.PathLike | None) -> str:
-    """The local file of the OpenAI weights: cached, or downloaded when the hub is reachable."""
-    config = get_pretrained_cfg(arch, "openai")
-    cached = _cached_openai_file(config, cache_dir)
-    if cached is not None:
-        return cached
-    how = (f"Download them on a connected machine (open_clip.create_model('{arch}', "
-           f"pretrained='openai') caches them) or set pretrained: /path/to/{arch}.pt")
-    unavailable = (f"pretrained: openai needs the {arch} OpenAI weights, which are not cached "
-                   f"and cannot be downloaded")
-    if _hub_offline():
-        raise ModelLoadError(f"{unavailable} (offline: HF_HUB_OFFLINE is set). {how}")
-    host, port = _hub_address()
-    if not _reachable(host, port, _HUB_PROBE_TIMEOUT_S):
-        raise ModelLoadError(f"{unavailable} (offline: {host}:{port} is unreachable). {how}")
-    try:
-        return download_pretrained(config, cache_dir=None if cache_dir is None else str(cache_dir))
-    except Exception as exc:  # network and hub errors come in many types
-        raise ModelLoadError(f"pretrained: downloading the {arch} OpenAI weights failed "
-                             f"({_first_line(exc)}). {how}") from exc
-
-
-def _cached_openai_file(config: dict, cache_dir: str | os.PathLike | None) -> str | None:
-    """Where open_clip's downloader would have left the weights: the Hugging Face cache, or the
-    OpenAI ``clip`` package's ``~/.cache/clip/<arch>.pt`` (also used by CLIP-ReID and upstream)."""
-    repo_id, filename = os.path.split(config["hf_hub"])
-    for name in [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]:
-        path = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
-        if isinstance(path, str):
-            return path
-    url_file = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(config["url"])
-    return str(url_file) if url_file.is_file() else None
-
-
-def _hub_offline() -> bool:
-    # huggingface_hub reads the variable once at import; a later setting must count too
-    return (os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE_ENV_VALUES
-            or hub_constants.HF_HUB_OFFLINE)
-
-
-def _hub_address() -> tuple[str, int]:
-    endpoint = urlsplit(hub_constants.ENDPOINT)
-    return endpoint.hostname or "huggingface.co", endpoint.port or 443
-
-
-def _reachable(host: str, port: int, timeout: float) -> bool:
-    """A TCP connection within ``timeout`` seconds; run in a thread because name resolution
-    ignores socket timeouts and can hang far longer on a machine without a network."""
-    connected = threading.Event()
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            connected.set()
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return connected.is_set()
 
 
 def configure_visual_trainable(backbone: ClipBackbone, unfreeze_blocks: int,
@@ -304,13 +142,13 @@ def configure_visual_trainable(backbone: ClipBackbone, unfreeze_blocks: int,
     Returns the trainable image-tower parameter names (as in ``backbone.clip``).
     """
     if mode not in UNFREEZE_MODES:
-        raise ValueError(f"unfreeze_mode: {mode!r} is not valid (valid: {', '.join(UNFREEZE_MODES)})")
+        raise ValueError(f"unfreeze_mode: {mode!r} is not valid "
+                         f"(valid: {', '.join(UNFREEZE_MODES)})")
     blocks = backbone.visual_blocks
     if not 0 <= unfreeze_blocks <= len(blocks):
-        kind = ("ResNet stages layer1..layer4" if isinstance(backbone.clip.visual, ModifiedResNet)
-                else "ViT resblocks")
         raise ValueError(f"unfreeze_blocks: {unfreeze_blocks} is out of range for "
-                         f"{backbone.name} (valid: 0..{len(blocks)} {kind})")
+                         f"{backbone.name} (valid: 0..{len(blocks)} "
+                         f"{TOWER_BLOCKS[backbone.spec.tower]})")
     visual = backbone.clip.visual
     visual.requires_grad_(mode == "all")
     if mode != "all":

@@ -3,7 +3,8 @@
 The tiny profile has no OpenAI weights. This module gives it a counterpart: CLIP's own recipe
 (symmetric InfoNCE between image and caption embeddings, learnable logit scale, AdamW, linear
 warm-up then cosine decay) on a synthetic captioned corpus, so that both towers start from
-something learnt, the text tower included.
+something learnt, the text tower included. Each backbone's numbers (corpus size, steps, rate)
+are the ``recipe`` of its registry entry (:class:`.registry.Recipe`).
 
 Policies:
 
@@ -53,17 +54,17 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.modified_resnet import ModifiedResNet
 from PIL import Image
 from tqdm import tqdm
 
-from ..data.captions import CAPTION_FIELDS, DEFAULT_CAPTION_FIELDS, caption
+from ..data.captions import caption
 from ..data.prepared import default_cache_dir
 from ..data.store import to_float
-from ..data.synth import ASPECTS_OF_HAND, GENERATOR_VERSION, JPEG_QUALITY, render
+from ..data.synth import GENERATOR_VERSION, JPEG_QUALITY, render
 from ..resources import resource_path
-from .backbone import CONFIG_DIR  # noqa: F401  (registers the tiny configs with open_clip)
-from .registry import backbone_spec
+from . import open_clip_configs  # noqa: F401  (registers the tiny configs with open_clip)
+from .errors import ModelLoadError
+from .registry import Recipe, backbone_spec
 
 try:
     import fcntl
@@ -92,52 +93,14 @@ child process). The shipped files were built so; a build on an AVX-512 machine u
 settings reproduces them tensor for tensor (measured), at about 1.6x the unpinned time."""
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Everything that decides the pretrained weights, apart from the seed and architecture."""
-
-    # the corpus
-    identities: int = 2000
-    images_per_identity: int = 6  # per aspect
-    aspects: tuple[str, ...] = ("dorsal right",)  # ASPECTS_OF_HAND values
-    caption_fields: tuple[str, ...] = DEFAULT_CAPTION_FIELDS
-    namespace: int = 1  # identity namespace of the generator; evaluation datasets use 0
-    render_size: tuple[int, int] = (160, 120)  # as the generator draws evaluation datasets
-    # the optimisation: AdamW, linear warm-up then cosine to 0
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 40
-
-    def __post_init__(self):
-        if self.namespace < 1:
-            raise ValueError("Recipe.namespace must be >= 1: namespace 0 is the evaluation "
-                             "datasets' own")
-        if min(self.identities, self.images_per_identity, self.steps, self.batch_size) < 1:
-            raise ValueError("Recipe needs identities, images_per_identity, steps and "
-                             "batch_size >= 1")
-        wrong = [a for a in self.aspects if a not in ASPECTS_OF_HAND]
-        wrong += [f for f in self.caption_fields if f not in CAPTION_FIELDS]
-        if wrong or not self.aspects:
-            raise ValueError(f"Recipe: {wrong or 'no aspects'} not valid (aspects: "
-                             f"{', '.join(ASPECTS_OF_HAND)}; caption fields: "
-                             f"{', '.join(CAPTION_FIELDS)})")
-
-
-RECIPES: dict[str, Recipe] = {
-    # Zero-shot test Rank-1 on the embedded default rose with the steps: 400 -> 18.9 %, 600 ->
-    # 31.0 % (seed 0; seeds 1 and 2 gave 19.5 and 23.8 %). 600 steps fit the 3 minutes.
-    "rn50": Recipe(steps=600, warmup_steps=60),
-    # The tiny ViT's loss stays near 2.85 whatever the steps (480 or 720), rate (3e-4, 1e-3 or
-    # 3e-3) or mole count in the captions (7.0 % zero-shot without it, 6.4 % with it): its
-    # weights stay those of the four-field captions. Its twelve blocks do not learn to read a
-    # ring even supervised (docs/usage.md, "The miniature: what is missing").
-    "vitb16": Recipe(steps=480, warmup_steps=48, caption_fields=("tone", "view", "ring", "nails")),
-    "vitl14": Recipe(),  # not measured: its 24 blocks take about twice the tiny ViT-B's time
-}
-"""The recipe ``pretrained: synthetic`` uses per backbone key: each fits in 3 minutes on 2 CPU
-cores, corpus included."""
+def recipe_of(backbone_key: str) -> Recipe:
+    """The registry's pretraining recipe of a backbone, or a one-line error saying what to add."""
+    recipe = backbone_spec(backbone_key).recipe
+    if recipe is None:
+        raise ModelLoadError(f"pretrained: synthetic: backbone {backbone_key} has no pretraining "
+                             f"recipe; add recipe=Recipe(...) to its BackboneSpec in "
+                             f"model/registry.py (or use pretrained: none or a weights file)")
+    return recipe
 
 
 @dataclass
@@ -229,12 +192,11 @@ def _without_random_init_warning() -> Iterator[None]:
 
 
 def train_contrastive(model: open_clip.CLIP, tokenizer: Callable, corpus: Corpus, recipe: Recipe,
-                      seed: int, device: torch.device | str = "cpu",
-                      progress: bool = False) -> list[float]:
-    """Pretrain ``model`` in place; return the loss of every step."""
-    # convolutional towers run about a quarter faster channels-last, on CPUs too
-    memory_format = (torch.channels_last if isinstance(model.visual, ModifiedResNet)
-                     else torch.contiguous_format)
+                      seed: int, device: torch.device | str = "cpu", progress: bool = False, *,
+                      channels_last: bool) -> list[float]:
+    """Pretrain ``model`` in place; return the loss of every step. ``channels_last``: train in
+    channels-last memory (convolutional towers run about a quarter faster so, on CPUs too)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format).train()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -278,14 +240,17 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_model(arch: str, recipe: Recipe, seed: int, progress: bool = False,
+def pretrain_model(backbone_key: str, recipe: Recipe, seed: int, progress: bool = False,
                    ) -> tuple[open_clip.CLIP, list[float], Corpus]:
-    """Build the corpus and pretrain a fresh ``arch`` model on it on the CPU (no cache)."""
+    """Build the corpus and pretrain a fresh tiny ``backbone_key`` on it on the CPU (no
+    cache)."""
+    spec = backbone_spec(backbone_key)
+    arch = spec.tiny_arch
     image_size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
     corpus = build_corpus(recipe, seed, image_size, progress)
     model = create_model(arch, seed)
     losses = train_contrastive(model, open_clip.get_tokenizer(arch), corpus, recipe, seed,
-                               progress=progress)
+                               progress=progress, channels_last=spec.tower == "resnet")
     return model, losses, corpus
 
 
@@ -301,9 +266,10 @@ def weights_path(backbone_key: str, cache_dir: str | os.PathLike | None = None, 
                  recipe: Recipe | None = None) -> Path:
     """Where the weights of this backbone, seed and recipe are (or will be) cached."""
     arch = backbone_spec(backbone_key).tiny_arch
-    recipe = recipe or RECIPES[backbone_key]
+    recipe = recipe or recipe_of(backbone_key)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return cache / PRETRAINED_DIR / f"synthetic-{arch}-seed{seed}-{cache_key(arch, recipe, seed)}.pt"
+    name = f"synthetic-{arch}-seed{seed}-{cache_key(arch, recipe, seed)}.pt"
+    return cache / PRETRAINED_DIR / name
 
 
 def pretrain(backbone_key: str, cache_dir: str | os.PathLike | None = None, seed: int = 0,
@@ -312,7 +278,7 @@ def pretrain(backbone_key: str, cache_dir: str | os.PathLike | None = None, seed
     """The cached synthetic-pretrained weights of the tiny ``backbone_key``: built (one line
     says so) when missing or when ``force``, else reused. Returns the file's path."""
     log = log or _stderr
-    recipe = recipe or RECIPES[backbone_key]
+    recipe = recipe or recipe_of(backbone_key)
     path = weights_path(backbone_key, cache_dir, seed, recipe)
     if path.is_file() and not force:
         return path
@@ -337,7 +303,7 @@ def _build(backbone_key: str, seed: int, recipe: Recipe, path: Path, progress: b
     """Pretrain on the CPU and write the weights and their record (in the pinned child)."""
     arch = backbone_spec(backbone_key).tiny_arch
     started = time.perf_counter()
-    model, losses, corpus = pretrain_model(arch, recipe, seed, progress)
+    model, losses, corpus = pretrain_model(backbone_key, recipe, seed, progress)
     record = {"backbone": backbone_key, "arch": arch, "seed": seed,
               "generator_version": GENERATOR_VERSION, "format": PRETRAIN_FORMAT,
               "recipe": dataclasses.asdict(recipe), "images": len(corpus.pixels),

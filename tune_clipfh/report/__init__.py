@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -34,6 +35,7 @@ from ..resources import resource_path
 from . import claims, figures, tables
 from .data import Experiment, load_experiment, load_zero_shot, param_importances
 from .page import Panel, Section, frame_table, render_page, sentence_list
+from .reference import load_reference, versus_reference
 from .tables import METRIC_NAMES
 
 REFERENCE_CSV = resource_path("analysis", "thesis_clipfh_11k_dorsal_r_eval.csv")
@@ -54,60 +56,20 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
     and compared with the best configurations in the summary's claims."""
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    experiments = [load_experiment(path) for path in experiment_dirs]
-    notes = [note for exp in experiments for note in exp.notes]
-    notes += _coverage_notes(experiments)
-    trials = _concat([e.trials for e in experiments])
-    history = _concat([e.history.assign(experiment=e.name) for e in experiments
-                       if not e.history.empty])
-    reference, reference_note = _reference(reference_csv)
-    if reference_note:
-        notes.append(reference_note)
-    comparable, protocol_note = _comparability(experiments, reference)
-    if not comparable and protocol_note:
-        notes.append(f"The thesis's numbers are not shown: {protocol_note}")
-
-    zero_shots = [load_zero_shot(path) for path in zero_shot_dirs]
-    given_zero_shots = list(zero_shots)  # the claims compare ours only (one implementation)
-    if comparable and reference is not None:
-        zero_shots += _thesis_zero_shots(reference_csv)
+    read = _read(experiment_dirs, reference_csv, zero_shot_dirs)
+    trials = read.trials
     configs = tables.configurations(trials) if not trials.empty else \
         tables.configurations(pd.DataFrame())
-    comparison = tables.versus_reference(configs, reference)
+    comparison = versus_reference(configs, read.reference)
     choices = claims.choices(trials, [claims.SearchExperiment.from_meta(e.name, e.meta, e.trials)
-                                      for e in experiments if e.kind == "search"])
-    claim_table, claim_reasons = claims.claims(trials, choices, given_zero_shots)
-    labels = trial_labels(trials)
-    protocol = [f"Thesis numbers not comparable: {protocol_note}"] \
-        if not comparable and protocol_note else []
-    sections = [
-        Section("Rank-1 against mAP (test)", [Panel(
-            figures.pareto_figure(configs, reference, comparable, protocol_note, zero_shots),
-            caption=figures.CAPTIONS["pareto"], notes=protocol,
-            missing="no trial has test metrics yet.")]),
-        Section("Ours against the thesis, per version and backbone", [Panel(
-            figures.versus_figure(comparison, comparable, zero_shots),
-            caption=figures.CAPTIONS["versus"], notes=protocol,
-            missing="no fixed trial (v1-v10) with test metrics: read a reproduce experiment.")]),
-        Section("Learning curves and loss breakdown", [
-            Panel(figures.learning_curves_figure(history, labels),
-                  caption=figures.CAPTIONS["curves"], missing="no trial reported an epoch."),
-            Panel(figures.loss_figure(history, labels), caption=figures.CAPTIONS["losses"],
-                  missing="no trial reported an epoch.")]),
-        Section("Parallel coordinates: knobs -> validation Rank-1",
-                _parallel_panels(experiments)),
-        Section("Parameter importance (search)", _importance_panels(experiments)),
-        Section("Optimisation history (search)", _history_panels(experiments)),
-        Section("CMC curves of the best configurations", [Panel(
-            figures.cmc_figure(configs), caption=figures.CAPTIONS["cmc"],
-            missing="no trial has a test CMC yet.")]),
-        Section("Summary: the searches' choices, claims and top configurations", [
-            _choices_panel(choices), _claims_panel(claim_table, claim_reasons),
-            _summary_panel(configs)]),
-    ]
+                                      for e in read.experiments if e.kind == "search"])
+    claim_table, claim_reasons = claims.claims(trials, choices, read.given_zero_shots)
+    summary = [_choices_panel(choices), _claims_panel(claim_table, claim_reasons),
+               _summary_panel(configs)]
+    sections = _sections(read, configs, comparison, summary)
     csvs = {
         "eval_table": tables.eval_table(trials),
-        "train_table": tables.train_table(history, trials),
+        "train_table": tables.train_table(read.history, trials),
         "configurations": configs.drop(columns=["knobs_html"], errors="ignore").round(4),
         "summary": tables.summary_table(configs, top=None),
         "versus_thesis": comparison.round(2),
@@ -115,15 +77,86 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
     }
     files = [p.name for p in tables.write_csvs(out, csvs)]
     page = render_page(
-        title="tune-clipfh report: " + ", ".join(e.name for e in experiments),
-        experiments=[_experiment_row(e) for e in experiments], notes=notes,
+        title="tune-clipfh report: " + ", ".join(e.name for e in read.experiments),
+        experiments=[_experiment_row(e) for e in read.experiments], notes=read.notes,
         sections=sections, files=files, generated=time.strftime("%Y-%m-%d %H:%M:%S"))
     path = out / REPORT_NAME
     path.write_text(page, encoding="utf-8")
     if log:
-        for note in notes:
+        for note in read.notes:
             log(f"note: {note}")
     return path
+
+
+@dataclass
+class _Read:
+    """What the report is made from: the experiments, the thesis's table and the zero-shots."""
+
+    experiments: list[Experiment]
+    trials: pd.DataFrame
+    history: pd.DataFrame
+    notes: list[str]
+    reference: pd.DataFrame | None
+    comparable: bool  # the thesis's numbers are shown beside ours
+    protocol_note: str  # why they are not, when not
+    zero_shots: list[dict]  # drawn in figures 1 and 2, the thesis's included
+    given_zero_shots: list[dict]  # ours only: what the claims compare (one implementation)
+
+
+def _read(experiment_dirs: Iterable[str | Path], reference_csv: str | Path | None,
+          zero_shot_dirs: Iterable[str | Path]) -> _Read:
+    experiments = [load_experiment(path) for path in experiment_dirs]
+    notes = [note for exp in experiments for note in exp.notes]
+    notes += _coverage_notes(experiments)
+    reference, reference_note = _reference(reference_csv)
+    if reference_note:
+        notes.append(reference_note)
+    comparable, protocol_note = _comparability(experiments, reference)
+    if not comparable and protocol_note:
+        notes.append(f"The thesis's numbers are not shown: {protocol_note}")
+    given_zero_shots = [load_zero_shot(path) for path in zero_shot_dirs]
+    zero_shots = list(given_zero_shots)
+    if comparable and reference is not None:
+        zero_shots += _thesis_zero_shots(reference_csv)
+    return _Read(experiments=experiments,
+                 trials=_concat([e.trials for e in experiments]),
+                 history=_concat([e.history.assign(experiment=e.name) for e in experiments
+                                  if not e.history.empty]),
+                 notes=notes, reference=reference, comparable=comparable,
+                 protocol_note=protocol_note, zero_shots=zero_shots,
+                 given_zero_shots=given_zero_shots)
+
+
+def _sections(read: _Read, configs: pd.DataFrame, comparison: pd.DataFrame,
+              summary: list[Panel]) -> list[Section]:
+    """The page's sections, in the order of the module doc."""
+    protocol = [f"Thesis numbers not comparable: {read.protocol_note}"] \
+        if not read.comparable and read.protocol_note else []
+    labels = trial_labels(read.trials)
+    return [
+        Section("Rank-1 against mAP (test)", [Panel(
+            figures.pareto_figure(configs, read.reference, read.comparable,
+                                  read.protocol_note, read.zero_shots),
+            caption=figures.CAPTIONS["pareto"], notes=protocol,
+            missing="no trial has test metrics yet.")]),
+        Section("Ours against the thesis, per version and backbone", [Panel(
+            figures.versus_figure(comparison, read.comparable, read.zero_shots),
+            caption=figures.CAPTIONS["versus"], notes=protocol,
+            missing="no fixed trial (v1-v10) with test metrics: read a reproduce experiment.")]),
+        Section("Learning curves and loss breakdown", [
+            Panel(figures.learning_curves_figure(read.history, labels),
+                  caption=figures.CAPTIONS["curves"], missing="no trial reported an epoch."),
+            Panel(figures.loss_figure(read.history, labels), caption=figures.CAPTIONS["losses"],
+                  missing="no trial reported an epoch.")]),
+        Section("Parallel coordinates: knobs -> validation Rank-1",
+                _parallel_panels(read.experiments)),
+        Section("Parameter importance (search)", _importance_panels(read.experiments)),
+        Section("Optimisation history (search)", _history_panels(read.experiments)),
+        Section("CMC curves of the best configurations", [Panel(
+            figures.cmc_figure(configs), caption=figures.CAPTIONS["cmc"],
+            missing="no trial has a test CMC yet.")]),
+        Section("Summary: the searches' choices, claims and top configurations", summary),
+    ]
 
 
 def trial_labels(trials: pd.DataFrame) -> dict[tuple[str, str], str]:
@@ -176,14 +209,14 @@ def _reference(path: str | Path | None) -> tuple[pd.DataFrame | None, str]:
     if not path.is_file():
         return None, f"Reference table {path} not found: the thesis's numbers are not shown."
     try:
-        return tables.load_reference(path), ""
+        return load_reference(path), ""
     except (OSError, ValueError, KeyError) as exc:
         return None, f"Reference table {path} could not be read ({exc}); thesis not shown."
 
 
 def _thesis_zero_shots(path: str | Path | None) -> list[dict]:
     """The thesis's zero-shot CLIP (frozen, image features; spec 4.3) per backbone."""
-    rows = tables.load_reference(Path(path) if path else REFERENCE_CSV, stage="stage0")
+    rows = load_reference(Path(path) if path else REFERENCE_CSV, stage="stage0")
     return [{"label": f"zero-shot CLIP, thesis ({row.backbone})", "backbone": row.backbone,
              "rank1": row.rank1, "mAP": row.mAP, "rank1_std": row.rank1_std,
              "mAP_std": row.mAP_std} for row in rows.itertuples()]

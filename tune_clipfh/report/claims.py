@@ -44,6 +44,7 @@ from typing import Any
 import pandas as pd
 
 from ..tune.selection import Configuration, Selection, select
+from .reference import version_number
 from .tables import (
     METRIC_NAMES,
     NOT_KNOBS,
@@ -51,7 +52,6 @@ from .tables import (
     configuration_key,
     configuration_name,
     format_value,
-    version_number,
 )
 
 CLAIM_COLUMNS = ["comparison", "claim", "a", "b", "value_a", "value_b", "delta", "noise",

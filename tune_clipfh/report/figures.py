@@ -18,8 +18,8 @@ from plotly.subplots import make_subplots
 
 from ..loss_table import loss_columns
 from ..model.registry import THESIS_BACKBONES
+from .reference import THESIS_LABEL
 from .tables import (
-    THESIS_LABEL,
     format_value,
     knob_columns,
     pareto_front,
@@ -115,18 +115,7 @@ def pareto_figure(configs: pd.DataFrame, reference: pd.DataFrame | None = None,
         name=f"Pareto front, ours ({len(front)})", hovertext=list(front["label"]),
         hoverinfo="text"))
     if comparable and reference is not None and not reference.empty:
-        backbones = set(tested["backbone"].dropna())
-        shown = reference[reference["backbone"].isin(backbones)] if backbones else reference
-        for backbone, group in shown.groupby("backbone", sort=True):
-            fig.add_trace(go.Scatter(
-                x=group["mAP"], y=group["rank1"], mode="markers+text", text=group["version"],
-                textposition="bottom center", name=f"{THESIS_LABEL} ({backbone})",
-                marker={"symbol": "star", "size": 12, "color": THESIS_COLOUR,
-                        "line": {"width": 1, "color": BACKBONE_COLOURS.get(backbone, "#000")}},
-                error_x=_errors(group["mAP_std"]), error_y=_errors(group["rank1_std"]),
-                hovertext=[f"thesis {backbone} {r.version}: Rank-1 {r.rank1:.2f} %, mAP "
-                           f"{r.mAP:.2f} % (table: {r.table_final_rank1} %)"
-                           for r in group.itertuples()], hoverinfo="text"))
+        _thesis_points(fig, reference, set(tested["backbone"].dropna()))
     elif note:
         _note(fig, "Thesis numbers not shown: the protocol differs (see the note above).")
     for index, ref in enumerate(zero_shots):
@@ -142,6 +131,21 @@ def pareto_figure(configs: pd.DataFrame, reference: pd.DataFrame | None = None,
     fig.update_xaxes(title_text="test mAP (%), mean over splits and seeds")
     fig.update_yaxes(title_text="test Rank-1 (%), mean over splits and seeds")
     return _layout(fig, "Rank-1 against mAP on the test splits, with the Pareto front", 560)
+
+
+def _thesis_points(fig: go.Figure, reference: pd.DataFrame, backbones: set) -> None:
+    """The thesis's versions as stars, one series per backbone (those of ours, if any)."""
+    shown = reference[reference["backbone"].isin(backbones)] if backbones else reference
+    for backbone, group in shown.groupby("backbone", sort=True):
+        fig.add_trace(go.Scatter(
+            x=group["mAP"], y=group["rank1"], mode="markers+text", text=group["version"],
+            textposition="bottom center", name=f"{THESIS_LABEL} ({backbone})",
+            marker={"symbol": "star", "size": 12, "color": THESIS_COLOUR,
+                    "line": {"width": 1, "color": BACKBONE_COLOURS.get(backbone, "#000")}},
+            error_x=_errors(group["mAP_std"]), error_y=_errors(group["rank1_std"]),
+            hovertext=[f"thesis {backbone} {r.version}: Rank-1 {r.rank1:.2f} %, mAP "
+                       f"{r.mAP:.2f} % (table: {r.table_final_rank1} %)"
+                       for r in group.itertuples()], hoverinfo="text"))
 
 
 def _errors(std: pd.Series) -> dict:

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..loss_table import LossTerm, active_terms
 from ..names import OPTIMIZERS, SCHEDULES
 from .parts import ReIDModel
+from .precision import Precision
 from .upstream_schedules import UpstreamSchedules
 
 
@@ -140,11 +142,51 @@ def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 @dataclass
 class StageOptimization:
-    """What one stage steps: its optimizer, its schedule and (stage 2) the centres' SGD."""
+    """What one stage steps: its optimizer, its schedule and the SGD of its active stateful
+    loss rows (the centres), one group per row at the rate of the row's ``state_lr`` knob."""
 
+    stage: str
     optimizer: torch.optim.Optimizer
     schedule: Any  # StageSchedule, or a stage's view of UpstreamSchedules
-    center_optimizer: torch.optim.Optimizer | None
+    state_optimizer: torch.optim.Optimizer | None
+    states: dict[LossTerm, nn.Module]  # the stage's active stateful rows and their modules
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state_optimizer is not None:
+            self.state_optimizer.zero_grad(set_to_none=True)
+
+    def ready_state_step(self, config: RunConfig, precision: Precision,
+                         ) -> list[torch.optim.Optimizer]:
+        """The stateful rows' SGD, ready to step after ``backward``: true gradients, each row's
+        rescale applied, the rows that may not update (``state_updates``) left out. Empty when
+        no row updates."""
+        updating = [term for term in self.states if term.updates_state(config)]
+        if self.state_optimizer is None or not updating:
+            return []
+        for term, module in self.states.items():
+            if term not in updating:
+                module.zero_grad(set_to_none=True)  # a parameter without gradient stays put
+        precision.unscale(self.state_optimizer)
+        for term in updating:
+            if term.rescale_state_grads is not None:
+                term.rescale_state_grads(self.states[term], getattr(config, term.weight))
+        return [self.state_optimizer]
+
+    def state_dict(self, precision: Precision) -> dict[str, Any]:
+        return {"stage": self.stage, "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                # "center": the key predates other stateful rows; old checkpoints keep loading
+                "center": (self.state_optimizer.state_dict()
+                           if self.state_optimizer is not None else None),
+                "scaler": precision.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], precision: Precision) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if state["center"] is not None and self.state_optimizer is not None:
+            self.state_optimizer.load_state_dict(state["center"])
+        precision.load_state_dict(state.get("scaler"))
 
 
 class OptimizerFactory:
@@ -174,13 +216,23 @@ class OptimizerFactory:
             groups.append(self._group("text", self.model.text_parameters()))
         return groups
 
+    def _states(self, stage: str) -> tuple[dict[LossTerm, nn.Module], torch.optim.Optimizer | None]:
+        """The stage's active stateful loss rows with their modules, and their own SGD."""
+        loss_states = self.model.loss_states()
+        states = {term: loss_states[term.name] for term in active_terms(self.config, stage)
+                  if term.state is not None}
+        if not states:
+            return states, None
+        return states, torch.optim.SGD([
+            {"params": list(module.parameters()), "lr": getattr(self.config, term.state_lr)}
+            for term, module in states.items()])
+
     def for_stage(self, stage: str, batches_per_epoch: int) -> StageOptimization:
         cfg = self.config
-        center = (torch.optim.SGD(self.model.center.parameters(), lr=cfg.center_lr)
-                  if stage == "image" and cfg.loss_use_center else None)
+        states, state_optimizer = self._states(stage)
         if cfg.shared_optimizer_across_stages:
             optimizer, schedule = self._shared_for_stage(stage, batches_per_epoch)
-            return StageOptimization(optimizer, schedule, center)
+            return StageOptimization(stage, optimizer, schedule, state_optimizer, states)
         if stage == "prompt":
             groups = [self._group("prompt", self.model.prompts.parameters())]
             if not cfg.freeze_text_encoder:
@@ -206,8 +258,8 @@ class OptimizerFactory:
                 onecycle_div_factor=cfg.onecycle_div_factor,
                 step_milestones=tuple(cfg.step_milestones), step_gamma=cfg.step_gamma)
             epochs = cfg.epochs_image
-        return StageOptimization(optimizer, StageSchedule(optimizer, spec, epochs,
-                                                          batches_per_epoch), center)
+        schedule = StageSchedule(optimizer, spec, epochs, batches_per_epoch)
+        return StageOptimization(stage, optimizer, schedule, state_optimizer, states)
 
     def _shared_for_stage(self, stage: str, batches_per_epoch: int):
         cfg, model = self.config, self.model

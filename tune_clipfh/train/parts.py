@@ -1,4 +1,5 @@
-"""The trained parts of one run, built from its config: backbone, prompts, heads, centres."""
+"""The trained parts of one run, built from its config: backbone, prompts, heads, and the
+parameters of the stateful losses (the centres)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RunConfig
-from ..losses import CenterLoss
+from ..loss_table import stateful_terms
 from ..model.backbone import ClipBackbone, configure_text_trainable, create_backbone
 from ..model.heads import LinearHead, ReIDHead
 from ..model.prompt import PromptLearner
 
-PART_NAMES = ("backbone", "prompts", "head", "center", "loss_head")
-
 
 class ReIDModel(nn.Module):
-    """CLIP backbone + per-identity prompts + BNNeck/ID head + centres.
+    """CLIP backbone + per-identity prompts + BNNeck/ID head + one part per stateful loss row
+    (``center``: the centre loss's centres), named after the row.
 
     ``loss_head`` exists only to reproduce upstream v3+, whose ID loss came from an extra
     linear classifier while the ArcFace head only logged (B4).
@@ -33,13 +33,27 @@ class ReIDModel(nn.Module):
         self.head = ReIDHead(dim, identity_count, id_head=config.id_head,
                              arcface_scale=config.arcface_scale,
                              arcface_margin=config.arcface_margin)
-        self.center = CenterLoss(identity_count, dim)
+        self.loss_state_names = tuple(term.name for term in stateful_terms())
+        for term in stateful_terms():
+            if hasattr(self, term.name) or term.name == "loss_head":  # loss_head comes next
+                raise ValueError(f"loss row {term.name!r}: the model has a part of that name "
+                                 f"already; rename the row")
+            self.add_module(term.name, term.state(identity_count, dim))
         self.loss_head = (LinearHead(dim, identity_count)
                           if config.id_loss_head == "linear" and config.id_head == "arcface"
                           else None)
         configure_text_trainable(self.backbone, not config.freeze_text_encoder)
         # Frozen CLIP temperature: the scale CLIP itself compares images and texts at.
         self.logit_scale = float(self.backbone.clip.logit_scale.detach().exp().clamp(max=100))
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The parts a checkpoint holds, each with its own state dict."""
+        return ("backbone", "prompts", "head", *self.loss_state_names, "loss_head")
+
+    def loss_states(self) -> dict[str, nn.Module]:
+        """Stateful loss row name -> the module holding its parameters."""
+        return {name: getattr(self, name) for name in self.loss_state_names}
 
     def text_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.backbone.clip.named_parameters()
@@ -70,14 +84,14 @@ class ReIDModel(nn.Module):
     def part_state(self, copy_tensors: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         """One state dict per part (the checkpoint format); ``copy_tensors`` takes a real
         snapshot, not views of the live weights (B9)."""
-        state = {name: getattr(self, name).state_dict() for name in PART_NAMES
+        state = {name: getattr(self, name).state_dict() for name in self.part_names
                  if getattr(self, name) is not None}
         if copy_tensors:
             state = {k: {n: t.detach().clone() for n, t in v.items()} for k, v in state.items()}
         return state
 
     def load_part_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        for name in PART_NAMES:
+        for name in self.part_names:
             part = getattr(self, name)
             if part is not None:
                 part.load_state_dict(state[name])

@@ -3,7 +3,8 @@
 Only the encoders run under autocast. The BNNeck, the ID/ArcFace heads, every loss and every
 logit are computed in fp32 (:meth:`Precision.fp32`): under bf16 the ArcFace margin term
 cos(t + m) is off by up to 1.2 logits at s = 35 for target cosines near 1. fp16 has too little
-range for gradients, so it comes with a ``GradScaler`` that also covers the centre optimizer.
+range for gradients, so it comes with a ``GradScaler`` that also covers the stateful losses'
+optimizer (the centres').
 """
 
 from __future__ import annotations

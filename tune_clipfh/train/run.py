@@ -86,11 +86,11 @@ def load_data_for(config: RunConfig, data_dir: str | Path, cache_dir: str | None
 
 def best_checkpoint(trainer: Trainer) -> dict[str, Any]:
     """The best weights with what an audit needs (B16): real epoch, metrics, clean config."""
-    state = trainer.best["state"] or trainer.model_state()
+    best = trainer.selection.best
     return {
-        "model": state,
-        "epoch": trainer.best["epoch"],
-        "val_metrics": {"rank1": trainer.best["rank1"], "mAP": trainer.best["mAP"]},
+        "model": best["state"] or trainer.model_state(),
+        "epoch": best["epoch"],
+        "val_metrics": {"rank1": best["rank1"], "mAP": best["mAP"]},
         "config": trainer.config.to_dict(),
         "backbone": trainer.model.backbone.arch,
         "identities": list(trainer.data.identities),
@@ -142,7 +142,7 @@ def train_run(config: RunConfig, run_dir: Path, *, resume: bool = False,
     elif metrics_path.is_file():
         # The epochs after the checkpoint run again: drop the rows they wrote before.
         _keep_metrics_until(metrics_path, trainer.iteration)
-    best_epoch_saved = trainer.best["epoch"]
+    best_epoch_saved = trainer.selection.best["epoch"]
 
     def on_epoch(record: EpochRecord) -> None:
         nonlocal best_epoch_saved
@@ -150,15 +150,15 @@ def train_run(config: RunConfig, run_dir: Path, *, resume: bool = False,
             handle.write(json.dumps(jsonable({"stage": record.stage, "epoch": record.epoch,
                                               "iteration": record.iteration,
                                               **record.metrics})) + "\n")
-        if trainer.best["epoch"] != best_epoch_saved:
+        if trainer.selection.best["epoch"] != best_epoch_saved:
             save_torch(run_dir / BEST_FILE, best_checkpoint(trainer))
-            best_epoch_saved = trainer.best["epoch"]
+            best_epoch_saved = trainer.selection.best["epoch"]
         if record.iteration % config.checkpoint_every == 0:
             save_torch(state_path, trainer.state_dict())
 
     result = trainer.run(on_epoch)
     if result.test is not None:
-        if trainer.best["state"] is None:  # no image stage: the weights as trained
+        if trainer.selection.best["state"] is None:  # no image stage: the weights as trained
             save_torch(run_dir / BEST_FILE, best_checkpoint(trainer))
         write_test_results(run_dir, result.test, config.experiment)
     summary = {"status": result.status, "epochs_run": result.epochs_run,

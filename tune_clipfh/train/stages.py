@@ -11,7 +11,7 @@ image features only (B12).
 The :class:`Trainer` keeps the epoch loop. It reports each epoch to a callback and exposes
 ``state_dict`` / ``load_state_dict`` so an adapter (the Ray trainable, the CLI) can checkpoint
 and resume. The model parts live in :mod:`.parts`, optimizers and schedules in :mod:`.optim`,
-mixed precision in :mod:`.precision`.
+the kept epoch and early stopping in :mod:`.best_epoch`, mixed precision in :mod:`.precision`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from ..data.sampler import PKSampler, RandomBatchSampler
 from ..data.store import Augment
 from ..errors import UserError
 from ..loss_table import TOTAL_COLUMNS, LossInputs, weighted_terms
-from ..losses import rescale_center_grads
 from ..model.backbone import configure_visual_trainable
 from ..model.registry import backbone_spec
+from .best_epoch import BestEpoch
 from .evaluate import EXPECTED_METRICS, Evaluator
 from .optim import OptimizerFactory, StageOptimization, group_learning_rates
 from .parts import ReIDModel
@@ -110,7 +110,8 @@ class Trainer:
         self.progress = progress
         self.device = device or pick_device(config.device)
         self.precision = Precision(self.device, autocast_dtype(config.amp, self.device))
-        self.channels_last = self.device.type == "cuda" and backbone_spec(config.model).channels_last
+        self.channels_last = (self.device.type == "cuda"
+                              and backbone_spec(config.model).channels_last)
         if config.select_on == "val" and len(data.val_rows) == 0:
             raise UserError("select_on: val needs validation identities, and the prepared data "
                             "has none (prepare with --val-fraction > 0, or select_on: "
@@ -140,8 +141,7 @@ class Trainer:
         self.epoch_done = 0  # epochs finished in the current stage
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {"rank1": -1.0, "mAP": -1.0, "epoch": None, "state": None}
-        self.patience = 0
+        self.selection = BestEpoch(config.early_stop_patience, config.epochs_image)
         self.status: str | None = None
         self.diverged_at: dict[str, Any] | None = None
         self.initial_val: dict[str, float] | None = None
@@ -151,11 +151,7 @@ class Trainer:
         self._prompt_features: torch.Tensor | None = None
         self._prompt_labels: torch.Tensor | None = None
         self._identity_text: torch.Tensor | None = None
-        self.fault: tuple[str, str, int] | None = None
-        if config.fault_injection:
-            kind, place = config.fault_injection.split("@")
-            stage, epoch = place.split(":")
-            self.fault = (kind, stage, int(epoch))
+        self.fault = config.fault  # an adapter may clear it (a crash injected once)
 
     def model_state(self, copy_tensors: bool = False) -> dict[str, dict[str, torch.Tensor]]:
         return self.model.part_state(copy_tensors)
@@ -185,9 +181,10 @@ class Trainer:
         if self.status != "diverged":
             self.restore_best()
             test = self.evaluator.test()
+        best = self.selection.best
         return TrainResult(status=self.status,
-                           epochs_run=self._epochs_run(), best_epoch=self.best["epoch"],
-                           best_val={name: self.best.get(name, math.nan)
+                           epochs_run=self._epochs_run(), best_epoch=best["epoch"],
+                           best_val={name: best.get(name, math.nan)
                                      for name in ("rank1", "mAP", *EXPECTED_METRICS)},
                            test=test, diverged_at=self.diverged_at, history=self.history)
 
@@ -224,9 +221,10 @@ class Trainer:
                                      "iteration": self.iteration, **metrics})
                 self.log(format_epoch_line(record))
                 if self.status == "early_stopped":
+                    best = self.selection.best
                     self.log(f"[train] early stop: no better validation Rank-1 for "
-                             f"{self.patience} epochs (best {self.best['rank1']:.4f} at epoch "
-                             f"{self.best['epoch']})")
+                             f"{self.selection.patience} epochs (best {best['rank1']:.4f} at "
+                             f"epoch {best['epoch']})")
                 if on_epoch is not None:
                     on_epoch(record)
 
@@ -253,11 +251,7 @@ class Trainer:
         self.optim = self.optimizers.for_stage(stage, self.batches_per_epoch)
         pending = self._pending_optim_state
         if pending is not None and pending["stage"] == stage:
-            self.optim.optimizer.load_state_dict(pending["optimizer"])
-            self.optim.schedule.load_state_dict(pending["schedule"])
-            if pending["center"] is not None and self.optim.center_optimizer is not None:
-                self.optim.center_optimizer.load_state_dict(pending["center"])
-            self.precision.load_state_dict(pending.get("scaler"))
+            self.optim.load_state_dict(pending, self.precision)
         self._pending_optim_state = None
         self._stage_setup = stage
 
@@ -289,7 +283,8 @@ class Trainer:
                 text = self.model.prompts(labels)
             with self.precision.fp32():
                 inputs = LossInputs(cfg, labels, self.model.logit_scale,
-                                    image=self._prompt_features[index], text=text.float())
+                                    image=self._prompt_features[index], text=text.float(),
+                                    states=self.model.loss_states())
                 terms = weighted_terms(cfg, "prompt", inputs)
                 loss = sum(terms.values())
             self._check_finite(loss, "prompt", epoch)
@@ -324,42 +319,34 @@ class Trainer:
                 inputs = LossInputs(cfg, labels, model.logit_scale, features=features,
                                     bn_features=bn_features,
                                     logits=model.id_logits(bn_features, logits),
-                                    identity_text=text, center=model.center)
+                                    identity_text=text, states=model.loss_states())
                 terms = weighted_terms(cfg, "image", inputs)
                 loss = sum(terms.values())
             self._check_finite(loss, "image", epoch)
-            self._step(loss, [p for g in self.optim.optimizer.param_groups for p in g["params"]],
-                       center=cfg.loss_use_center and cfg.update_centers)
+            self._step(loss, [p for g in self.optim.optimizer.param_groups for p in g["params"]])
             sums.add(len(batch), **{TOTAL_COLUMNS["image"]: loss}, **terms)
             bar.update(1)
         self.optim.schedule.after_epoch()
         metrics = sums.means()
         val = self.evaluator.validate()
-        improved = (val["rank1"], val["mAP"]) > (self.best["rank1"], self.best["mAP"])
-        if improved:
-            self.best.update(rank1=val["rank1"], mAP=val["mAP"], epoch=epoch,
-                             **{name: val[name] for name in EXPECTED_METRICS},
-                             state=self.model_state(copy_tensors=True))
-            self.patience = 0
-        else:
-            self.patience += 1
+        improved = self.selection.observe(epoch, val,
+                                          lambda: self.model_state(copy_tensors=True))
         metrics.update(self._val_columns(val))
         metrics["is_best"] = float(improved)
-        if cfg.early_stop_patience and self.patience >= cfg.early_stop_patience \
-                and epoch < cfg.epochs_image:
+        if self.selection.exhausted(epoch):
             self.status = "early_stopped"
         return metrics
 
     def _val_columns(self, val: dict[str, float] | None) -> dict[str, float]:
-        val = val or {}
+        val, best = val or {}, self.selection.best
         nan = float("nan")
         in_image_stage = self.stage == "image"
-        best_r1 = max(self.best["rank1"], val.get("rank1", -1.0)) if in_image_stage \
+        best_r1 = max(best["rank1"], val.get("rank1", -1.0)) if in_image_stage \
             else val.get("rank1", nan)
-        best_map = max(self.best["mAP"], val.get("mAP", -1.0)) if in_image_stage \
+        best_map = max(best["mAP"], val.get("mAP", -1.0)) if in_image_stage \
             else val.get("mAP", nan)
         # the kept epoch's values (before it, the current ones): what a search ranks trials by
-        kept = self.best if in_image_stage and self.best["epoch"] is not None else val
+        kept = best if in_image_stage and best["epoch"] is not None else val
         return {"val_rank1": val.get("rank1", nan), "val_rank5": val.get("rank5", nan),
                 "val_rank10": val.get("rank10", nan), "val_mAP": val.get("mAP", nan),
                 **{f"val_{name}": val.get(name, nan) for name in EXPECTED_METRICS},
@@ -374,59 +361,48 @@ class Trainer:
             raise Diverged({"stage": stage, "epoch": epoch, "iteration": self.iteration + 1,
                             "loss": float(loss.detach())})
 
-    def _step(self, loss: torch.Tensor, params, center: bool = False) -> None:
-        optimizer, center_optimizer = self.optim.optimizer, self.optim.center_optimizer
-        optimizer.zero_grad(set_to_none=True)
-        if center_optimizer is not None:
-            center_optimizer.zero_grad(set_to_none=True)
+    def _step(self, loss: torch.Tensor, params) -> None:
+        optim = self.optim
+        optim.zero_grad()
         self.precision.backward(loss)
         if self.config.max_norm is not None:
-            self.precision.unscale(optimizer)
+            self.precision.unscale(optim.optimizer)
             torch.nn.utils.clip_grad_norm_(list(params), self.config.max_norm)
-        stepped = [optimizer]
-        if center and center_optimizer is not None:
-            # Undo the loss weight on the centres' gradient, then actually step them (B6).
-            self.precision.unscale(center_optimizer)
-            rescale_center_grads(self.model.center, self.config.center_loss_weight)
-            stepped.append(center_optimizer)
-        self.precision.step(stepped)
-        self.optim.schedule.after_batch()
+        # the stateful loss rows' parameters step too (the centres: their weight undone, B6)
+        self.precision.step([optim.optimizer,
+                             *optim.ready_state_step(self.config, self.precision)])
+        optim.schedule.after_batch()
 
     # ------------------------------------------------------------------ state
     def restore_best(self) -> None:
-        if self.best["state"] is not None:
-            self.model.load_part_state(self.best["state"])
-            self.log(f"[train] restored the best weights (stage-2 epoch {self.best['epoch']}, "
-                     f"val Rank-1 {self.best['rank1']:.4f})")
+        best = self.selection.best
+        if best["state"] is not None:
+            self.model.load_part_state(best["state"])
+            self.log(f"[train] restored the best weights (stage-2 epoch {best['epoch']}, "
+                     f"val Rank-1 {best['rank1']:.4f})")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run exactly where it is."""
+        selection = self.selection.state_dict()
+        optim = (self.optim.state_dict(self.precision)
+                 if self._stage_setup is not None and self.optim is not None else None)
         return {
             "config": self.config.to_dict(),
             "stage": self.stage, "epoch_done": self.epoch_done, "iteration": self.iteration,
-            "status": self.status, "patience": self.patience,
+            "status": self.status, "patience": selection["patience"],
             "history": copy.deepcopy(self.history), "initial_val": self.initial_val,
-            "best": dict(self.best),
+            "best": selection["best"],
             "model": self.model_state(),
-            "optim": self._optim_state(),
+            "optim": optim,
             "torch_rng": torch.get_rng_state(),
         }
-
-    def _optim_state(self) -> dict[str, Any] | None:
-        if self._stage_setup is None or self.optim is None:
-            return None
-        center = self.optim.center_optimizer
-        return {"stage": self._stage_setup, "optimizer": self.optim.optimizer.state_dict(),
-                "schedule": self.optim.schedule.state_dict(),
-                "center": center.state_dict() if center else None,
-                "scaler": self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_part_state(state["model"])
         self.stage, self.epoch_done = state["stage"], state["epoch_done"]
         self.iteration, self.status = state["iteration"], state["status"]
-        self.patience, self.history = state["patience"], state["history"]
-        self.initial_val, self.best = state["initial_val"], dict(state["best"])
+        self.history, self.initial_val = state["history"], state["initial_val"]
+        self.selection.load_state_dict(state)
         self._pending_optim_state = state["optim"]
         self._stage_setup = None
         torch.set_rng_state(state["torch_rng"])

@@ -25,7 +25,7 @@ from ray import tune
 from ..config import ConfigError, build_config
 from ..train.evaluate import EXPECTED_METRICS
 from ..train.run import load_data_for, load_torch, save_torch
-from ..train.stages import DeviceUnavailable, EpochRecord, Trainer, pick_device
+from ..train.stages import DeviceUnavailable, EpochRecord, Trainer, TrainResult, pick_device
 
 STATE_FILE = "state.pt"
 META_KEYS = ("version", "backbone", "kind", "thesis_run", "behaviour", "ablation", "race_of")
@@ -107,15 +107,7 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
              "train_identities": len(data.identities)}
     trainer = Trainer(config, data, log=lambda line: print(line, flush=True), progress=False,
                       device=device)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load_state_dict(load_torch(Path(folder) / STATE_FILE))
-        if trainer.fault is not None and trainer.fault[0] == "raise":
-            trainer.fault = None  # an injected crash happens once; the retry must get past it
-        print(f"[trial] resumed at {trainer.stage} stage, epoch {trainer.epoch_done}",
-              flush=True)
-
+    _resume(trainer)
     node_id = ray.get_runtime_context().get_node_id()
     last_checkpoint = time.monotonic()
 
@@ -134,14 +126,30 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
             save_torch(Path(folder) / STATE_FILE, trainer.state_dict())
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    result = trainer.run(on_epoch)
+    tune.report(final_row(trainer.run(on_epoch), {"node_id": node_id, **where}))
+
+
+def _resume(trainer: Trainer) -> None:
+    """Continue from the trial's checkpoint, if Tune restored one."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        trainer.load_state_dict(load_torch(Path(folder) / STATE_FILE))
+    if trainer.fault is not None and trainer.fault[0] == "raise":
+        trainer.fault = None  # an injected crash happens once; the retry must get past it
+    print(f"[trial] resumed at {trainer.stage} stage, epoch {trainer.epoch_done}", flush=True)
+
+
+def final_row(result: TrainResult, where: dict[str, Any]) -> dict[str, Any]:
+    """A trial's last report: its last epoch's row, the kept epoch's validation, the test."""
     last = dict(result.history[-1]) if result.history else {}
     last.pop("stage", None)
     # History rows count epochs within a stage; reported rows use the overall count as `epoch`.
     if last:
         last["stage_epoch"], last["epoch"] = last["epoch"], last.pop("iteration")
     selected = result.best_epoch is not None  # else no stage-2 epoch: the last row's values
-    final = {**last, "status": result.status, "final": 1, "node_id": node_id, **where,
+    final = {**last, "status": result.status, "final": 1, **where,
              "best_epoch": result.best_epoch if selected else -1,
              "best_val_rank1": result.best_val["rank1"] if selected else last.get(
                  "best_val_rank1", 0.0),
@@ -157,4 +165,4 @@ def clipfh_trainable(trial_config: dict[str, Any], *, base_knobs: dict[str, Any]
     if result.diverged_at is not None:
         final["diverged_stage"] = result.diverged_at["stage"]
         final["diverged_epoch"] = result.diverged_at["epoch"]
-    tune.report(final)
+    return final
