@@ -392,6 +392,7 @@ def test_a_race_reruns_the_best_and_best_hands_the_choice_on(ray_session, tmp_pa
     assert len(raced) == 1 and raced.iloc[0]["seed"] == 5
     first = frame[frame["trial_id"] == raced.iloc[0]["config/race_of"]].iloc[0]
     explored = frame[frame["config/race_of"].isna()]
+    assert (explored["seed"] == 4).all()  # the search's seed, from its base knobs
     metric = "best_val_rank1_at_test_size"
     assert first[metric] == explored[metric].max()
     assert raced.iloc[0]["final"] == 1
@@ -407,6 +408,7 @@ def test_a_race_reruns_the_best_and_best_hands_the_choice_on(ray_session, tmp_pa
     assert chosen["lr_visual"] == pytest.approx(first["config/lr_visual"])
     assert chosen["epochs_image"] == 3 and chosen["model"] == "vitb16"
     assert chosen["prompt_template_list"] == ["a {ctx} hand.", "the {ctx} of a person."]
+    assert chosen["seed"] == 4
     build_config(chosen, "best.yaml")  # what train --config does with it
     assert main(["best", str(tmp_path)]) == 2  # not a search experiment: one line
     assert "no experiment here" in capsys.readouterr().err

@@ -32,6 +32,8 @@ def load_results(path: str | Path) -> pd.DataFrame:
     """One row per trial: knobs (``config/...``), its last reported metrics (``device`` and
     ``gpu_name`` among them), status, label."""
     analysis = ExperimentAnalysis(str(Path(path).resolve()))
+    # a search's trials take the seed of its base knobs unless their config sets one (a race)
+    base_seed = (experiment_meta(Path(path)).get("base_knobs") or {}).get("seed", 0)
     rows = []
     for trial in analysis.trials:
         result = dict(trial.last_result or {})
@@ -43,7 +45,7 @@ def load_results(path: str | Path) -> pd.DataFrame:
         row["trial_id"] = trial.trial_id
         row["label"] = trial_label(config)
         row["kind"] = "fixed" if config.get("fixed") else "search"
-        row["seed"] = knobs.get("seed", 0)
+        row["seed"] = knobs.get("seed", base_seed)
         row["trial_status"] = trial.status
         if not result.get("final"):
             row["status"] = "errored" if trial.status == "ERROR" else (
