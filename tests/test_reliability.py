@@ -1070,7 +1070,7 @@ try:
     threading.Thread(target=remove_worker_once_a_trial_checkpointed_there, daemon=True).start()
     path = search(space, 3, "rank1", "rn50", None, ExperimentOptions(
         name="node-loss", storage=storage, address=cluster.address, data=data,
-        max_concurrent=2, max_failures=3), asha_grace=100)
+        max_concurrent=2, max_failures=3), race_top=0)
     frame = load_results(path)
     histories = {}
     for trial_dir in glob.glob(f"{path}/*/"):
@@ -1156,7 +1156,7 @@ def test_search_of_200_trials_completes_with_bounded_driver_memory(small_data, t
     storage, log = tmp_path / "ray", tmp_path / "driver.log"
     argv = [CLI, "search", "--space", str(space), "--backbone", "rn50", "--num-samples",
             str(LOAD_TRIALS), "--data", str(small_data), "--storage", str(storage),
-            "--name", "load", "--max-concurrent", "2", "--asha-grace", "100",
+            "--name", "load", "--max-concurrent", "2", "--race-top", "0",
             "--max-failures", "0"]
     started = time.monotonic()
     proc = drivers.start(argv, log)

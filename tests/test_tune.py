@@ -173,7 +173,7 @@ def test_search_runs_concurrently_and_writes_the_study(ray_session, tmp_path, ca
     space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
     path = search(str(space_file), 4, objective, "vitb16", None,
                   ExperimentOptions(name=f"search-{objective}", storage=str(tmp_path / "ray"),
-                                    max_concurrent=2, cpus_per_trial=1))
+                                    max_concurrent=2, cpus_per_trial=1), race_top=0)
     progress = capsys.readouterr().err
     frame = load_results(path)
     assert len(frame) == 4 and frame["trial_id"].is_unique
@@ -293,6 +293,13 @@ def test_the_searcher_ends_with_a_race_of_its_best_configurations_within_its_bud
     assert searcher.budget.spent_s() == 600.0
 
 
+def test_a_fold_race_runs_on_the_next_validation_folds():
+    race = Race(top=1, runs=3, replicate="val_fold", base_seed=7)
+    assert race.start({"a": ({"lr_visual": 1e-4}, 0.5), "b": ({"lr_visual": 1e-3}, 0.9)}) == ["b"]
+    assert race.queued == [{"lr_visual": 1e-3, "val_fold": 1, "race_of": "b"},
+                           {"lr_visual": 1e-3, "val_fold": 2, "race_of": "b"}]
+
+
 def test_a_sampled_trial_longer_than_the_budget_left_ends_exploration_unrun():
     searcher = BudgetedOptunaSearch.create(
         space=_epochs_space, metric="best_val_rank1", mode="max",
@@ -339,7 +346,8 @@ def test_search_warm_starts_from_a_reproduce_experiment(repro, tmp_path, capsys)
     are not run again; in a space that cannot train them they stay out, and the log says why."""
     repro_path, repro_frame = repro
     path = search(None, 1, "rank1", "vitb16", str(repro_path),
-                  ExperimentOptions(name="warm", storage=str(tmp_path / "ray"), overrides=QUICK))
+                  ExperimentOptions(name="warm", storage=str(tmp_path / "ray"), overrides=QUICK),
+                  race_top=0)
     study = _study(path)
     measured = [t for t in study.trials if "source" in t.user_attrs]
     # The two ViT versions of the reproduce run, with their measured validation Rank-1; the
@@ -366,7 +374,8 @@ def test_search_warm_starts_from_a_reproduce_experiment(repro, tmp_path, capsys)
     space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
     capsys.readouterr()
     small = search(str(space_file), 1, "rank1", "vitb16", str(repro_path),
-                   ExperimentOptions(name="warm-small", storage=str(tmp_path / "ray")))
+                   ExperimentOptions(name="warm-small", storage=str(tmp_path / "ray")),
+                   race_top=0)
     assert not [t for t in _study(small).trials if "source" in t.user_attrs]
     log = capsys.readouterr().err
     assert "left out, outside the space" in log and "v1 (" in log and "v5 (" in log, log
@@ -385,7 +394,7 @@ def test_a_race_reruns_the_best_and_best_hands_the_choice_on(ray_session, tmp_pa
     path = search(str(space_file), 3, "rank1_at_test_size", "vitb16", None,
                   ExperimentOptions(name="race", storage=str(tmp_path / "ray"),
                                     overrides={"seed": 4}),
-                  warm_start=False, race_top=1, race_runs=2)
+                  warm_start=False, race_top=1, race_runs=2, race_over="seed")
     frame = load_results(path)
     assert len(frame) == 3
     raced = frame[frame["config/race_of"].notna()]
@@ -448,7 +457,7 @@ parameters:
   loss_use_i2t:     {type: categorical, choices: [false]}
 """)
     path = search(str(space_file), 2, "rank1", "vitb16", None,
-                  ExperimentOptions(name="invalid", storage=str(tmp_path / "ray")))
+                  ExperimentOptions(name="invalid", storage=str(tmp_path / "ray")), race_top=0)
     frame = load_results(path)
     assert len(frame) == 2
     assert (frame["status"] == "invalid_config").all()
@@ -461,7 +470,7 @@ parameters:
     # A budget spent by the first trial ends the search there, before its --num-samples.
     path = search(str(space_file), 4, "rank1", "vitb16", None,
                   ExperimentOptions(name="budget", storage=str(tmp_path / "ray"),
-                                    max_concurrent=1), budget_trial_seconds=1e-6)
+                                    max_concurrent=1), budget_trial_seconds=1e-6, race_top=0)
     assert len(load_results(path)) == 1
     assert experiment_meta(path)["budget_trial_seconds"] == 1e-6
 
@@ -623,13 +632,13 @@ def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_pat
     trials_and_results."""
     storage, log = tmp_path / "ray", tmp_path / "driver.log"
     space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
-    # 3 version points, then 1 sampled; no ASHA stop (grace beyond the last epoch)
+    # 3 version points, then 1 sampled; no race (ASHA is off by default)
     argv = [str(Path(sys.executable).parent / "tune-clipfh"), "search", "--name", "interrupted",
             "--storage", str(storage), "--max-concurrent", "1",
             "--set", "epochs_prompt=1", "--set", "epochs_image=6",
             "--set", "early_stop_patience=0", "--set", "checkpoint_min_interval_s=0",
             "--space", str(space_file), "--backbone", "vitb16", "--num-samples", "4",
-            "--asha-grace", "100"]
+            "--race-top", "0"]
     expected = 4
     proc = drivers.start(argv, log)
     try:

@@ -40,7 +40,7 @@ def search_memory(ctx: Context) -> list[Row]:
         "device": "cpu"})
     with ProcessSampler() as sampler:
         seconds, path = timed(lambda: search(None, trials, "rank1", "vitb16", None, options,
-                                              warm_start=False))
+                                              warm_start=False, race_top=0))
     frame = load_results(path)
     growth = driver_growth_per_trial(sampler, _completion_times(frame))
     driver_peak = max((rss for _, rss in sampler.driver), default=0)
