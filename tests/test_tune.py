@@ -33,7 +33,7 @@ from tune_clipfh.model.registry import BACKBONES
 from tune_clipfh.resources import config_file
 from tune_clipfh.tune import experiment
 from tune_clipfh.tune.budget import TrialSecondsBudget, TrialShape
-from tune_clipfh.tune.defaults import ASHA_GRACE, ASHA_REDUCTION
+from tune_clipfh.tune.defaults import ASHA_GRACE, ASHA_REDUCTION, OBJECTIVE, OBJECTIVES
 from tune_clipfh.tune.experiment import ExperimentOptions, fixed_trials, reproduce
 from tune_clipfh.tune.gpus import (
     GpuPlan,
@@ -687,7 +687,8 @@ def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_pat
     assert len({tuple(sorted(params.items())) for params in ran}) == expected, ran
     study = _study(path)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * expected
-    assert sorted(t.values[0] for t in study.trials) == sorted(after["best_val_rank1"])
+    objective = OBJECTIVES[OBJECTIVE][0]
+    assert sorted(t.values[0] for t in study.trials) == sorted(after[objective])
 
 
 # ------------------------------------------------------------------------------------------

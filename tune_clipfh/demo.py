@@ -42,26 +42,13 @@ def run_demo(out: str | Path, identities: int, num_samples: int, max_concurrent:
              gpus_per_trial: float | str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the four steps under ``out``; returns the folders written."""
     from .data.prepared import default_cache_dir, synthetic_dataset, synthetic_default
-    from .report import build_report
-    from .train.run import result_lines, zero_shot_run
-    from .tune.best import describe_choice, write_choice
-    from .tune.experiment import ExperimentOptions, reproduce
-    from .tune.results import summarize_experiment
-    from .tune.search import search
+    from .tune.experiment import ExperimentOptions
 
     started = time.perf_counter()
     out = Path(out).resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     data_dir = synthetic_dataset(default_cache_dir(),
                                  **{**synthetic_default(), "identities": identities}).resolve()
-    folders: dict[str, Any] = {}
-
-    log(f"== 1/4 zero-shot: the pretrained tiny {SEARCHED} on {identities} synthetic "
-        f"identities, no training")
-    zero_config = load_config(DEMO_CONFIG, [f"data_dir={data_dir}"]).config
-    folders["zero_shot"] = out / f"zero-shot-{SEARCHED}-{stamp}"
-    zero = zero_shot_run(zero_config, folders["zero_shot"], progress=False)
-    log(f"  test {result_lines(zero['test'])[0]}")
 
     def options(name: str, backbone: str, **kwargs: Any) -> ExperimentOptions:
         return ExperimentOptions(storage=str(out / "ray"), profile="tiny", data=str(data_dir),
@@ -69,36 +56,17 @@ def run_demo(out: str | Path, identities: int, num_samples: int, max_concurrent:
                                  max_concurrent=max_concurrent, gpus_per_trial=gpus_per_trial,
                                  **kwargs)
 
-    folders["reproduce"] = []
-    for backbone in (SEARCHED, "vitb16"):
-        schedule = DEMO_SCHEDULES[backbone]
-        log(f"== 2/4 reproduce {', '.join(DEMO_VERSIONS[backbone])} of {backbone} "
-            f"({DEMO_SEEDS[backbone]} seed(s), {schedule['epochs_prompt']} + "
-            f"{schedule['epochs_image']} epochs)")
-        path = reproduce([backbone], DEMO_VERSIONS[backbone],
-                         options(f"reproduce-{backbone}", backbone, seeds=DEMO_SEEDS[backbone]))
-        folders["reproduce"].append(path)
-        log(summarize_experiment(path))
-
+    folders: dict[str, Any] = {}
+    log(f"== 1/4 zero-shot: the pretrained tiny {SEARCHED} on {identities} synthetic "
+        f"identities, no training")
+    folders["zero_shot"] = _zero_shot(data_dir, out / f"zero-shot-{SEARCHED}-{stamp}", log)
+    folders["reproduce"] = [_reproduce(backbone, options, log) for backbone in DEMO_VERSIONS]
     log(f"== 3/4 search {SEARCHED} beyond v10 ({num_samples} trials, its race run included, "
         f"warm-started with the measured version)")
-    # warm_start=False: no other version runs first; the measured one warm-starts the study
-    folders["search"] = search(None, num_samples, _objective(), SEARCHED,
-                               str(folders["reproduce"][0]), options("search", SEARCHED),
-                               warm_start=False, race_top=1)
-    log(summarize_experiment(folders["search"]))
-    lines, knobs = describe_choice(folders["search"])
-    folders["best"] = write_choice(knobs, folders["search"] / "best_config.yaml")
-    log("\n".join(lines))
-
+    folders["search"], folders["best"] = _search(num_samples, folders["reproduce"][0],
+                                                 options("search", SEARCHED), log)
     log("== 4/4 report")
-    folders["report"] = build_report([*folders["reproduce"], folders["search"]],
-                                     out / f"report-{stamp}",
-                                     zero_shot_dirs=[folders["zero_shot"]])
-    claims = _claims(folders["report"].parent / "claims.csv")
-    log("claims (report, section 8):" if claims else "claims: none could be made")
-    for claim in claims:
-        log(f"  {claim}")
+    folders["report"] = _report(folders, out / f"report-{stamp}", log)
     log(f"\ndemo finished in {time.perf_counter() - started:.0f}s; results:\n"
         f"  zero-shot:     {folders['zero_shot']}\n"
         + "".join(f"  reproduce:     {p}\n" for p in folders["reproduce"])
@@ -108,15 +76,58 @@ def run_demo(out: str | Path, identities: int, num_samples: int, max_concurrent:
     return folders
 
 
-def _objective() -> str:
+def _zero_shot(data_dir: Path, folder: Path, log: Callable[[str], None]) -> Path:
+    """Step 1: the searched backbone's zero-shot test, the floor fine-tuning has to beat."""
+    from .train.run import result_lines, zero_shot_run
+
+    config = load_config(DEMO_CONFIG, [f"data_dir={data_dir}"]).config
+    log(f"  test {result_lines(zero_shot_run(config, folder, progress=False)['test'])[0]}")
+    return folder
+
+
+def _reproduce(backbone: str, options: Callable[..., Any], log: Callable[[str], None]) -> Path:
+    """Step 2: the backbone's demo versions at the demo's schedule."""
+    from .tune.experiment import reproduce
+    from .tune.results import summarize_experiment
+
+    schedule = DEMO_SCHEDULES[backbone]
+    log(f"== 2/4 reproduce {', '.join(DEMO_VERSIONS[backbone])} of {backbone} "
+        f"({DEMO_SEEDS[backbone]} seed(s), {schedule['epochs_prompt']} + "
+        f"{schedule['epochs_image']} epochs)")
+    path = reproduce([backbone], DEMO_VERSIONS[backbone],
+                     options(f"reproduce-{backbone}", backbone, seeds=DEMO_SEEDS[backbone]))
+    log(summarize_experiment(path))
+    return path
+
+
+def _search(num_samples: int, versions: Path, options: Any,
+            log: Callable[[str], None]) -> tuple[Path, Path]:
+    """Step 3: the search warm-started with the measured version (no other version runs
+    first), its race of one, and ``best``'s configuration file."""
+    from .tune.best import describe_choice, write_choice
     from .tune.defaults import OBJECTIVE
+    from .tune.results import summarize_experiment
+    from .tune.search import search
 
-    return OBJECTIVE
+    path = search(None, num_samples, OBJECTIVE, SEARCHED, str(versions), options,
+                  warm_start=False, race_top=1)
+    log(summarize_experiment(path))
+    lines, knobs = describe_choice(path)
+    log("\n".join(lines))
+    return path, write_choice(knobs, path / "best_config.yaml")
 
 
-def _claims(path: Path) -> list[str]:
+def _report(folders: dict[str, Any], out: Path, log: Callable[[str], None]) -> Path:
+    """Step 4: the report over every experiment, with the zero-shot; its claims printed."""
     import pandas as pd
 
-    if not path.is_file():
-        return []
-    return [str(c) for c in pd.read_csv(path)["claim"]]
+    from .report import build_report
+
+    report = build_report([*folders["reproduce"], folders["search"]], out,
+                          zero_shot_dirs=[folders["zero_shot"]])
+    claims_csv = report.parent / "claims.csv"
+    claims = [str(c) for c in pd.read_csv(claims_csv)["claim"]] if claims_csv.is_file() else []
+    log("claims (report, section 8):" if claims else "claims: none could be made")
+    for claim in claims:
+        log(f"  {claim}")
+    return report

@@ -97,44 +97,26 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
     space = space.fixing(options.overrides)  # --set fixes a knob in every trial
     storage, name = storage_and_name(options, "search")
     path = Path(storage) / name
-    base = {**space.base, "model": backbone, "profile": options.profile, "pretrained": "auto",
-            **options.overrides}
-    base["data_dir"], base["cache_dir"] = None, options.cache_dir
-    base_config = build_config(base, f"{space.source} base").config
+    base, base_config = _base_knobs(space, backbone, options)
     # on --resume the searcher's saved state carries the budget and what it has spent
     budget = None if options.resume else trial_seconds_budget(
         budget_trial_seconds, budget_share, from_experiment, backbone, base)
-    try:
-        race = Race(top=race_top, runs=race_runs, replicate=race_over) if race_top else None
-    except ValueError as exc:
-        raise UserError(f"--race-top/--race-runs/--race-over: {exc}") from None
-    if race is not None and race.trials >= num_samples:
-        raise UserError(f"--race-top {race.top} x (--race-runs {race.runs} - 1) = {race.trials} "
-                        f"race runs leave none of --num-samples {num_samples} to explore")
+    seed = int(base.get("seed", 0))
+    race = _race(race_top, race_runs, race_over, num_samples, seed)
     shared = prepare_shared_data([base], options)
     base["data_dir"] = shared["data_dir"]
     # The memory probe measures the largest batch the space may sample.
     gpus = plan_trial_gpus(options, [base], probe_sets=[
         {**base, "batch_size": space_maximum(space, "batch_size", base_config.batch_size)}])
     metrics = OBJECTIVES[objective]
-    modes = ["max"] * len(metrics)
     path.mkdir(parents=True, exist_ok=True)
     study_url = f"sqlite:///{path / 'optuna.db'}"
-    evaluated = []
-    if from_experiment and not options.resume:
-        evaluated = seed_study_with_results(study_url, name, space, Path(from_experiment),
-                                            metrics, backbone)
-    # On --resume the study already holds the points (queued or run): OptunaSearch enqueues
-    # points_to_evaluate into the shared storage when built, so passing them again would run
-    # them a second time.
-    points = [p for p in version_points(space, backbone, options.profile, options.overrides)
-              if p not in evaluated] if warm_start and not options.resume else []
-    seed = int(base.get("seed", 0))
-    if race is not None:
-        race.base_seed = seed
+    evaluated, points = _warm_start(study_url, name, space, backbone, from_experiment, metrics,
+                                    options, warm_start)
     searcher = BudgetedOptunaSearch.create(
         space=space.sample, metric=metrics if len(metrics) > 1 else metrics[0],
-        mode=modes if len(modes) > 1 else modes[0], points_to_evaluate=points or None,
+        mode="max" if len(metrics) == 1 else ["max"] * len(metrics),
+        points_to_evaluate=points or None,
         sampler=make_sampler(sampler, seed, sampler_startup, len(evaluated)), study_name=name,
         storage=optuna.storages.RDBStorage(study_url), budget=budget, race=race,
         max_trials=num_samples)
@@ -154,6 +136,46 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
         tune_config=tune_config(search_alg=searcher, scheduler=scheduler,
                                 num_samples=num_samples,
                                 max_concurrent_trials=options.max_concurrent or 2))
+
+
+def _base_knobs(space: SearchSpace, backbone: str, options: ExperimentOptions):
+    """The knobs every trial starts from (the space's base, the backbone, ``--set``), raw and
+    validated."""
+    base = {**space.base, "model": backbone, "profile": options.profile, "pretrained": "auto",
+            **options.overrides}
+    base["data_dir"], base["cache_dir"] = None, options.cache_dir
+    return base, build_config(base, f"{space.source} base").config
+
+
+def _race(top: int, runs: int, over: str, num_samples: int, seed: int) -> Race | None:
+    """The search's closing race (None for ``top=0``), checked against ``num_samples``."""
+    if not top:
+        return None
+    try:
+        race = Race(top=top, runs=runs, replicate=over)
+    except ValueError as exc:
+        raise UserError(f"--race-top/--race-runs/--race-over: {exc}") from None
+    if race.trials >= num_samples:
+        raise UserError(f"--race-top {race.top} x (--race-runs {race.runs} - 1) = {race.trials} "
+                        f"race runs leave none of --num-samples {num_samples} to explore")
+    race.base_seed = seed
+    return race
+
+
+def _warm_start(study_url: str, name: str, space: SearchSpace, backbone: str,
+                from_experiment: str | None, metrics: list[str], options: ExperimentOptions,
+                warm_start: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The versions' measured points added to the study (from ``from_experiment``) and the
+    version points still to run first. On --resume the study already holds both: OptunaSearch
+    enqueues points_to_evaluate into the shared storage when built, so passing them again would
+    run them a second time."""
+    if options.resume:
+        return [], []
+    evaluated = seed_study_with_results(study_url, name, space, Path(from_experiment), metrics,
+                                        backbone) if from_experiment else []
+    points = [p for p in version_points(space, backbone, options.profile, options.overrides)
+              if p not in evaluated] if warm_start else []
+    return evaluated, points
 
 
 def trial_seconds_budget(seconds: float | None, share: float | None,
