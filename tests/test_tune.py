@@ -627,9 +627,9 @@ parameters:
 
 @pytest.mark.slow
 def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_path, drivers):
-    """The search's resume (searcher and study restored). ``reproduce`` after SIGINT and
-    SIGKILL: tests/test_reliability.py::test_resume_after_an_interruption_gives_the_same_
-    trials_and_results."""
+    """The search's resume after SIGINT (searcher and study restored). ``reproduce`` after
+    SIGKILL: tests/test_reliability.py::test_resume_after_sigkill_gives_the_same_trials_and_
+    results."""
     storage, log = tmp_path / "ray", tmp_path / "driver.log"
     space_file = _write(tmp_path / "space.yaml", SMALL_SPACE)
     # 3 version points, then 1 sampled; no race (ASHA is off by default)

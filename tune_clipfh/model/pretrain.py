@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -193,9 +194,10 @@ def _without_random_init_warning() -> Iterator[None]:
 
 def train_contrastive(model: open_clip.CLIP, tokenizer: Callable, corpus: Corpus, recipe: Recipe,
                       seed: int, device: torch.device | str = "cpu", progress: bool = False, *,
-                      channels_last: bool) -> list[float]:
+                      channels_last: bool, stop_after: int | None = None) -> list[float]:
     """Pretrain ``model`` in place; return the loss of every step. ``channels_last``: train in
-    channels-last memory (convolutional towers run about a quarter faster so, on CPUs too)."""
+    channels-last memory (convolutional towers run about a quarter faster so, on CPUs too).
+    ``stop_after``: end after that many steps of the recipe's schedule (a replay's check)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format).train()
     decay, no_decay = [], []
@@ -211,9 +213,10 @@ def train_contrastive(model: open_clip.CLIP, tokenizer: Callable, corpus: Corpus
         optimizer, lambda step: warmup_cosine(step, recipe.warmup_steps, recipe.steps))
     tokens = tokenizer(corpus.captions)
     losses = []
-    bar = tqdm(total=recipe.steps, desc="contrastive pretraining", disable=not progress,
-               leave=False)
-    for rows in batch_order(len(corpus.pixels), recipe.batch_size, recipe.steps, seed):
+    steps = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
+    bar = tqdm(total=steps, desc="contrastive pretraining", disable=not progress, leave=False)
+    for rows in itertools.islice(
+            batch_order(len(corpus.pixels), recipe.batch_size, recipe.steps, seed), steps):
         distinct, index = torch.unique(corpus.caption_index[rows], return_inverse=True)
         images = to_float(corpus.pixels[rows].to(device), memory_format=memory_format)
         loss = contrastive_loss(model.encode_image(images),
@@ -241,16 +244,17 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 def pretrain_model(backbone_key: str, recipe: Recipe, seed: int, progress: bool = False,
-                   ) -> tuple[open_clip.CLIP, list[float], Corpus]:
+                   stop_after: int | None = None) -> tuple[open_clip.CLIP, list[float], Corpus]:
     """Build the corpus and pretrain a fresh tiny ``backbone_key`` on it on the CPU (no
-    cache)."""
+    cache); ``stop_after`` steps only, if given."""
     spec = backbone_spec(backbone_key)
     arch = spec.tiny_arch
     image_size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
     corpus = build_corpus(recipe, seed, image_size, progress)
     model = create_model(arch, seed)
     losses = train_contrastive(model, open_clip.get_tokenizer(arch), corpus, recipe, seed,
-                               progress=progress, channels_last=spec.tower == "resnet")
+                               progress=progress, channels_last=spec.tower == "resnet",
+                               stop_after=stop_after)
     return model, losses, corpus
 
 
@@ -289,14 +293,34 @@ def pretrain(backbone_key: str, cache_dir: str | os.PathLike | None = None, seed
         arch = backbone_spec(backbone_key).tiny_arch
         log(f"[model] pretraining the tiny {backbone_key} ({arch}) on synthetic captioned hands "
             f"({recipe.identities} identities, {recipe.steps} steps), once; cached as {path}")
-        job = {"backbone": backbone_key, "seed": seed, "recipe": dataclasses.asdict(recipe),
-               "path": str(path), "progress": progress}
-        done = subprocess.run([sys.executable, "-m", __name__, json.dumps(job)],
-                              env={**os.environ, **BUILD_NUMERICS}, check=False)
+        done = _run_pinned({"backbone": backbone_key, "seed": seed, "recipe": recipe,
+                            "path": str(path), "progress": progress})
         if done.returncode != 0 or not path.is_file():
             raise RuntimeError(f"pretraining the tiny {backbone_key} failed (exit "
                                f"{done.returncode}); its output is above")
     return path
+
+
+def replay_first_steps(backbone_key: str, steps: int, seed: int = 0,
+                       recipe: Recipe | None = None) -> list[float]:
+    """The losses of a build's first ``steps`` steps, run as a build runs (pinned child, the
+    recipe's whole schedule): equal to the first entries of the record's ``loss_curve`` unless
+    the corpus, the model, the loss or the optimisation changed. Seconds instead of minutes."""
+    done = _run_pinned({"backbone": backbone_key, "seed": seed,
+                        "recipe": recipe or recipe_of(backbone_key), "replay_steps": steps},
+                       capture=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"replaying the tiny {backbone_key}'s pretraining failed (exit "
+                           f"{done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _run_pinned(job: dict, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run this module's child (see the ``__main__`` block) under :data:`BUILD_NUMERICS`."""
+    job = {**job, "recipe": dataclasses.asdict(job["recipe"])}
+    return subprocess.run([sys.executable, "-m", __name__, json.dumps(job)],
+                          env={**os.environ, **BUILD_NUMERICS}, check=False,
+                          capture_output=capture, text=capture)
 
 
 def _build(backbone_key: str, seed: int, recipe: Recipe, path: Path, progress: bool) -> None:
@@ -309,7 +333,7 @@ def _build(backbone_key: str, seed: int, recipe: Recipe, path: Path, progress: b
               "recipe": dataclasses.asdict(recipe), "images": len(corpus.pixels),
               "distinct_captions": len(corpus.captions),
               "loss_first": losses[0], "loss_last": losses[-1],
-              "loss_last_10_mean": float(np.mean(losses[-10:])),
+              "loss_last_10_mean": float(np.mean(losses[-10:])), "loss_curve": losses,
               "logit_scale": model.logit_scale.detach().exp().item(),
               "seconds": round(time.perf_counter() - started, 1), "device": "cpu",
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -371,8 +395,13 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-if __name__ == "__main__":  # the build's child process (see ``pretrain``)
+if __name__ == "__main__":  # the pinned child (see ``_run_pinned``): a build or a replay
     _job = json.loads(sys.argv[1])
     _recipe = Recipe(**{key: tuple(value) if isinstance(value, list) else value
                         for key, value in _job["recipe"].items()})
-    _build(_job["backbone"], _job["seed"], _recipe, Path(_job["path"]), _job["progress"])
+    if "replay_steps" in _job:
+        _losses = pretrain_model(_job["backbone"], _recipe, _job["seed"],
+                                 stop_after=_job["replay_steps"])[1]
+        print(json.dumps(_losses))
+    else:
+        _build(_job["backbone"], _job["seed"], _recipe, Path(_job["path"]), _job["progress"])

@@ -28,6 +28,7 @@ from .defaults import (
     RACE_OVER,
     RACE_RUNS,
     RACE_TOP,
+    SAMPLER,
     SAMPLERS,
 )
 from .experiment import (
@@ -80,7 +81,7 @@ def make_sampler(kind: str, seed: int, startup_trials: int = 0, warm_trials: int
 def search(space_path: str | None, num_samples: int, objective: str, backbone: str,
            from_experiment: str | None, options: ExperimentOptions, *,
            asha_grace: int = ASHA_GRACE, asha_reduction: int = ASHA_REDUCTION,
-           warm_start: bool = True, sampler: str = "tpe", sampler_startup: int = 0,
+           warm_start: bool = True, sampler: str = SAMPLER, sampler_startup: int = 0,
            asha: bool = ASHA, budget_trial_seconds: float | None = None,
            budget_share: float | None = None, race_top: int = RACE_TOP,
            race_runs: int = RACE_RUNS, race_over: str = RACE_OVER) -> Path:
