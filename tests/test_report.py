@@ -712,19 +712,24 @@ def test_the_summary_names_each_search_choice_in_words():
         "competed.")
 
 
-def test_a_search_that_kept_the_best_version_makes_no_claim_against_it():
+def test_a_search_that_kept_the_best_version_compares_its_best_challenger_with_it():
     trials = pd.concat([fake_trials(("v2", "rn50", 60, [40, 42, 44]), experiment="r"),
-                        fake_trials(("abc", "rn50", 40, [47]), experiment="s")],
+                        fake_trials(("abc", "rn50", 40, [47]), ("low", "rn50", 30, [60]),
+                                    experiment="s")],
                        ignore_index=True)
     zero_shot = {"label": "zero-shot, ours (rn50, tiny)", "backbone": "rn50", "rank1": 20.0}
-    table, reasons = claims_of(trials, [zero_shot])
-    assert reasons[0] == ("The choice of search s (rn50) vs the best version: it chose the "
-                          "best version, rn50-v2, itself.")
-    assert list(table["a"]) == ["rn50-v2"]  # against zero-shot once, as the version
+    table, _ = claims_of(trials, [zero_shot])
+    # the best challenger by validation (abc), not the best on test (low)
+    kept = table[table["comparison"] == claims.CHALLENGER_VS_KEPT].iloc[0]
+    assert (kept["a"], kept["b"], kept["delta"]) == ("search-abc", "rn50-v2", pytest.approx(5))
+    assert kept["claim"].startswith("Search s's best challenger by validation (search-abc, "
+                                    "not chosen) vs the version it kept (rn50-v2): +5.0")
+    zero = table[table["comparison"] == claims.VERSUS_ZERO_SHOT]
+    assert list(zero["a"]) == ["rn50-v2"]  # against zero-shot once, as the version
     (choice,) = claims.choices(trials, searches_in(trials))
     assert claims.choice_sentence(choice).startswith(
         "Search s (rn50) chose rn50-v2: validation Rank-1 60.0 ± 0.0 over 3 runs (seeds 0, 1, "
-        "2), test Rank-1 42.0 ± 2.0 (the best version). The search ran 1 trial")
+        "2), test Rank-1 42.0 ± 2.0 (the best version). The search ran 2 trials")
 
 
 def test_zero_shot_is_compared_with_its_own_backbone_only():

@@ -62,6 +62,7 @@ BEYOND = "beyond the seed noise"
 WITHIN = "within the seed noise"
 UNKNOWN = "noise unknown (one seed): not a claim"
 BEST_VS_BEST = "search choice vs best version"
+CHALLENGER_VS_KEPT = "search challenger vs kept version"
 VERSUS_ZERO_SHOT = "versus zero-shot"
 VERSION_STEP = "version vs previous"
 VERSIONS_METRIC = "best_val_rank1"
@@ -282,12 +283,31 @@ def choice_vs_best_version(choice: Choice, values: pd.DataFrame,
         return [], (f"{what}: no {search.backbone} version (v1-v10) trained to its end among "
                     f"the experiments read{read}.")
     if winner is version:
-        return [], f"{what}: it chose the best version, {version.label}, itself."
+        return _challenger_vs_kept_version(choice, values, what)
     a, b = configuration_side(winner, values), configuration_side(version, values)
     if a is None or b is None:
         return [], f"{what}: {(winner if a is None else version).label} has no test results."
     return [compare(BEST_VS_BEST, a, b, f"The choice of search {search.name} ({winner.label})",
                     f"the best version ({version.label})")], ""
+
+
+def _challenger_vs_kept_version(choice: Choice, values: pd.DataFrame,
+                                what: str) -> tuple[list[dict], str]:
+    """A search that kept the best version: its best challenger by validation against that
+    version on test, so the report says whether keeping it was right or within the noise."""
+    version = choice.selection.best_version
+    tried = [c for c in choice.selection.configurations if c.kind == "search"]
+    sides = [(c, found) for c in sorted(tried, key=lambda c: c.val_mean, reverse=True)
+             if (found := configuration_side(c, values)) is not None]
+    kept = configuration_side(version, values)
+    if not sides or kept is None:
+        return [], (f"{what}: it chose the best version, {version.label}, itself, and no "
+                    f"configuration it tried has test results to compare.")
+    challenger, side_a = sides[0]
+    return [compare(CHALLENGER_VS_KEPT, side_a, kept,
+                    f"Search {choice.search.name}'s best challenger by validation "
+                    f"({challenger.label}, not chosen)",
+                    f"the version it kept ({version.label})")], ""
 
 
 def versus_zero_shots(trials: pd.DataFrame, values: pd.DataFrame, made: list[Choice],
