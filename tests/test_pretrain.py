@@ -255,9 +255,8 @@ def test_the_pretrain_verb_says_where_and_how_long(monkeypatch, tmp_path, capsys
 
 
 def shipped_record(key: str) -> dict:
-    """The JSON record written beside a packaged weights file ({} if none ships)."""
-    path = pretrain_module.shipped_weights(key)
-    return json.loads(path.with_suffix(".json").read_text()) if path else {}
+    """The JSON record written beside a packaged weights file."""
+    return json.loads(pretrain_module.shipped_weights(key).with_suffix(".json").read_text())
 
 
 # ------------------------------------------------------------------ the shipped weights
@@ -266,7 +265,7 @@ def test_pretrained_synthetic_is_the_shipped_file_no_build(key, tmp_path, capsys
     shipped = pretrain_module.shipped_weights(key)
     assert shipped is not None and shipped.name == weights_path(key, tmp_path).name
     assert shipped.stat().st_size <= 10 * 2**20
-    record = json.loads(shipped.with_suffix(".json").read_text())
+    record = shipped_record(key)
     assert record["recipe"] == json.loads(json.dumps(dataclasses.asdict(BACKBONES[key].recipe)))
     backbone = create_backbone(key, "tiny", "synthetic", cache_dir=tmp_path)
     assert "[model]" not in capsys.readouterr().err and not (tmp_path / "pretrained").exists()

@@ -17,7 +17,7 @@ import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from ..config import ConfigError, build_config
+from ..config import ConfigError, RunConfig, build_config
 from ..errors import UserError
 from .budget import TrialSecondsBudget, TrialShape
 from .defaults import (
@@ -139,7 +139,8 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
                                 max_concurrent_trials=options.max_concurrent or 2))
 
 
-def _base_knobs(space: SearchSpace, backbone: str, options: ExperimentOptions):
+def _base_knobs(space: SearchSpace, backbone: str,
+                options: ExperimentOptions) -> tuple[dict[str, Any], RunConfig]:
     """The knobs every trial starts from (the space's base, the backbone, ``--set``), raw and
     validated."""
     base = {**space.base, "model": backbone, "profile": options.profile, "pretrained": "auto",
@@ -153,13 +154,12 @@ def _race(top: int, runs: int, over: str, num_samples: int, seed: int) -> Race |
     if not top:
         return None
     try:
-        race = Race(top=top, runs=runs, replicate=over)
+        race = Race(top=top, runs=runs, replicate=over, base_seed=seed)
     except ValueError as exc:
         raise UserError(f"--race-top/--race-runs/--race-over: {exc}") from None
     if race.trials >= num_samples:
         raise UserError(f"--race-top {race.top} x (--race-runs {race.runs} - 1) = {race.trials} "
                         f"race runs leave none of --num-samples {num_samples} to explore")
-    race.base_seed = seed
     return race
 
 
