@@ -416,6 +416,9 @@ def test_zero_shot_evaluations_are_reference_points_in_figures_1_and_2(experimen
     assert zero_shot["label"] in [trace.name for trace in pareto.data]
     versus = figures.versus_figure(tables.versus_reference(configs, None), False, [zero_shot])
     assert sorted(shape.y0 for shape in versus.layout.shapes) == pytest.approx([20.0, 35.0])
+    # one label for the two lines, and no plotly placeholder ("new text") on the other
+    texts = [a.text for a in versus.layout.annotations]
+    assert None not in texts and texts.count(zero_shot["label"]) == 1, texts
     page = build_report(experiments, tmp_path / "out", zero_shot_dirs=[folder]).read_text()
     assert zero_shot["label"] in page
     # The summary names the search's choice, then the claims: one seed everywhere, so the

@@ -199,11 +199,13 @@ def versus_figure(comparison: pd.DataFrame, comparable: bool,
                 legendgroup="thesis", showlegend=col == 1,
                 hovertemplate="%{x}: %{y:.2f} %<extra>thesis</extra>"), row=1, col=col)
         for index, ref in enumerate(zero_shots):  # what training has to beat
+            # labelled once: an annotation position without a text makes plotly write
+            # "new text" on the line
+            label = {"annotation_text": ref["label"],
+                     "annotation_position": "top left"} if col == 1 else {}
             fig.add_hline(y=ref[metric], row=1, col=col,
                           line={"dash": "dot", "width": 1.5,
-                                "color": ZERO_SHOT_COLOURS[index % 2]},
-                          annotation_text=ref["label"] if col == 1 else None,
-                          annotation_position="top left")
+                                "color": ZERO_SHOT_COLOURS[index % 2]}, **label)
     fig.update_layout(barmode="group")
     fig.update_xaxes(title_text="version and backbone")
     fig.update_yaxes(title_text="test Rank-1 (%)", row=1, col=1)
