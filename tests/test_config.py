@@ -236,3 +236,62 @@ def test_every_field_is_documented():
 
     for f in dataclasses.fields(RunConfig):
         assert f.metadata.get("help"), f.name
+
+
+SEED_FILES = FIXTURES / "d0f5b4b" / "configs"  # all eight Stage-2 files at upstream d0f5b4b
+OTHER_SCRIPTS_IGNORED = {  # per file: the keys reported as ignored (README of the fixtures)
+    "train_stage2_clip_reid/train_joint_vitb16_11k_dorsal_r.yml":
+        {"loss_list", "num_workers", "shuffle", "pin_memory", "save_dir", "log_dir"},
+    "train_stage2_clip_reid/train_joint_rn50_11k_dorsal_r.yml":
+        {"loss_list", "num_workers", "shuffle", "pin_memory", "save_dir", "log_dir"},
+    "archived/train_stage2_loss_variants/train_vitb16_11k_dorsal_r_ce.yml": set(),
+    "archived/train_stage2_loss_variants/train_vitb16_11k_dorsal_r_ce_arcface.yml": set(),
+    "archived/train_stage2_loss_variants/train_vitb16_11k_dorsal_r_ce_triplet.yml":
+        {"loss", "save_path", "log_path"},
+    "archived/train_stage2_loss_variants/train_vitb16_11k_dorsal_r_ce_triplet_center.yml":
+        {"loss", "save_path", "log_path"},
+    "eval_stage2_clip_reid/eval_joint_vitb16_11k_dorsal_r.yml": {"num_workers", "model_path"},
+    "eval_stage2_clip_reid/eval_vitb16_11k_dorsal_r.yml": {"num_workers", "model_path"},
+}
+
+
+def test_the_seed_fixtures_are_its_eight_stage2_files():
+    found = {str(p.relative_to(SEED_FILES)) for p in SEED_FILES.rglob("*.yml")}
+    assert found == set(OTHER_SCRIPTS_IGNORED)
+    sizes = {p.name: p.stat().st_size for p in SEED_FILES.rglob("*_ce*.yml")}
+    assert sizes["train_vitb16_11k_dorsal_r_ce.yml"] == 0  # empty upstream, kept empty
+    assert sizes["train_vitb16_11k_dorsal_r_ce_arcface.yml"] == 1  # one newline
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_SCRIPTS_IGNORED))
+def test_every_seed_stage2_file_loads_with_each_ignored_key_reported(name):
+    loaded = load_config(SEED_FILES / name)
+    ignored = {note.split("'")[1]: note for note in loaded.notes
+               if "accepted and ignored: " in note}
+    assert set(ignored) == OTHER_SCRIPTS_IGNORED[name]
+    assert all(note.split("accepted and ignored: ")[1].strip() for note in ignored.values())
+    if not read_yaml(SEED_FILES / name):
+        assert loaded.notes == [f"{SEED_FILES / name}: holds no keys; every knob takes its "
+                                f"default"]
+        assert loaded.config == build_config({}).config
+
+
+@pytest.mark.parametrize("name, epochs", [("train_vitb16_11k_dorsal_r_ce_triplet.yml", 1),
+                                          ("train_vitb16_11k_dorsal_r_ce_triplet_center.yml", 50)])
+def test_archived_epochs_mean_the_image_stage_of_upstreams_loss_variant_trainer(name, epochs):
+    loaded = load_config(SEED_FILES / "archived" / "train_stage2_loss_variants" / name)
+    assert loaded.config.epochs_image == epochs
+    assert any("'epochs' read as 'epochs_image': " in note and "no prompt stage" in note
+               for note in loaded.notes)
+
+
+def test_a_renamed_upstream_key_that_contradicts_its_knob_is_refused():
+    with pytest.raises(ConfigError, match=r"^f.yml: key 'epochs': 3 contradicts 'epochs_image'"):
+        build_config({"epochs": 3, "epochs_image": 5}, "f.yml")
+    assert build_config({"epochs": 3, "epochs_image": 3}).config.epochs_image == 3
+
+
+def test_cli_config_check_accepts_all_eight_seed_files(capsys):
+    for name in OTHER_SCRIPTS_IGNORED:
+        assert main(["config", "check", str(SEED_FILES / name)]) == 0
+        assert capsys.readouterr().err.strip().endswith(": valid")

@@ -35,6 +35,7 @@ from .schema import (
     NOT_TRAINING_KNOBS,
     PRETRAINED_GROUPS,
     RATE_GROUPS,
+    UPSTREAM_RENAMED_KEYS,
     RunConfig,
     knob,
     training_knobs,
@@ -42,7 +43,7 @@ from .schema import (
 
 __all__ = ["AS_RUN_SWITCHES", "BACKBONES", "FAULT_PATTERN", "FIELDS", "GROUP_KNOBS",
            "IGNORED_UPSTREAM_KEYS", "KNOB_TYPES", "NOT_TRAINING_KNOBS", "PRETRAINED_GROUPS",
-           "RATE_GROUPS", "ConfigError", "LoadedConfig", "RunConfig", "build_config",
+           "RATE_GROUPS", "UPSTREAM_RENAMED_KEYS", "ConfigError", "LoadedConfig", "RunConfig", "build_config",
            "UPSTREAM_IDENTITY_PLACEHOLDER", "describe_keys", "knob", "load_config",
            "parse_overrides", "read_yaml", "suggest", "training_knobs"]
 
@@ -165,9 +166,7 @@ def _translate_upstream(values: dict[str, Any], source: str, notes: list[str]) -
     (``"A photo of a X X X X hand."``: CoOp / CLIP-ReID's spelling, the one B3's correct
     implementation uses). Both become ``{ctx}``, which always stands for ``n_ctx`` tokens.
     """
-    for key, reason in IGNORED_UPSTREAM_KEYS.items():
-        if key in values:
-            notes.append(f"{source}: '{key}' accepted and ignored: {reason}")
+    _other_scripts_keys(values, source, notes)
     x_run = re.compile(r"(?<!\S)X(?: X)*(?!\S)")  # standalone X words: "X", "X X X X"
 
     def placeholder(template: Any, spelt: set[str]) -> Any:
@@ -209,6 +208,25 @@ def _translate_upstream(values: dict[str, Any], source: str, notes: list[str]) -
         values["ctx_init"] = None
 
 
+def _other_scripts_keys(values: dict[str, Any], source: str, notes: list[str]) -> None:
+    """Note every ignored upstream key with its reason, dropping those that are no knob of
+    ours (keys of upstream's eval and archived scripts), and move renamed keys onto their knob."""
+    for key, reason in IGNORED_UPSTREAM_KEYS.items():
+        if key in values:
+            notes.append(f"{source}: '{key}' accepted and ignored: {reason}")
+            if key not in FIELDS:
+                del values[key]
+    for key, (knob_name, meaning) in UPSTREAM_RENAMED_KEYS.items():
+        if key not in values:
+            continue
+        value = values.pop(key)
+        if knob_name in values and values[knob_name] != value:
+            raise ConfigError(f"{_where(source, key)}: {value!r} contradicts '{knob_name}': "
+                              f"{values[knob_name]!r}, which it stands for (set only one)")
+        values[knob_name] = value
+        notes.append(f"{source}: '{key}' read as '{knob_name}': {meaning}")
+
+
 def build_config(values: dict[str, Any], source: str = "<config>") -> LoadedConfig:
     """Validate a flat mapping of knobs into a RunConfig (unknown keys, types, ranges, logic)."""
     if not isinstance(values, dict):
@@ -217,7 +235,8 @@ def build_config(values: dict[str, Any], source: str = "<config>") -> LoadedConf
     values = dict(values)
     notes: list[str] = []
     for key in values:
-        if not isinstance(key, str) or key not in FIELDS:
+        known = key in FIELDS or key in IGNORED_UPSTREAM_KEYS or key in UPSTREAM_RENAMED_KEYS
+        if not isinstance(key, str) or not known:
             raise ConfigError(f"{_where(source, str(key))}: unknown key{suggest(str(key), FIELDS)}"
                               f" (see `tune-clipfh config keys`)")
     _translate_upstream(values, source, notes)
@@ -345,6 +364,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """YAML file (optional) + ``extra`` mapping + ``--set`` overrides -> validated config."""
     values = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
+    # upstream ships empty files (0 bytes, one newline): valid YAML meaning "all defaults"
+    empty = [f"{path}: holds no keys; every knob takes its default"] \
+        if path is not None and not values else []
     values.update(extra or {})
     override_values = parse_overrides(overrides)
     for key in override_values:
@@ -353,7 +375,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     values.update(override_values)
     if override_values:
         source = f"{source} (with --set)"
-    return build_config(values, source)
+    loaded = build_config(values, source)
+    loaded.notes[:0] = empty
+    return loaded
 
 
 def describe_keys() -> str:

@@ -52,7 +52,24 @@ IGNORED_UPSTREAM_KEYS = {
                   "(224 full, 64 tiny)",
     "save_dir": "a run writes its checkpoints into its own run folder under output_dir",
     "log_dir": "a run writes its logs into its own run folder under output_dir",
+    # keys of upstream's other scripts: accepted in any file, reported, then dropped (not knobs)
+    "model_path": "the checkpoint an upstream eval file evaluates (experiments/run_eval_clip.py)"
+                  "; `tune-clipfh eval --upstream-config FILE` reads it, a run trains from "
+                  "`pretrained`",
+    "loss": "read only by upstream's archived loss-variant trainer (engine/archived/"
+            "finetune_trainer_stage2_loss.py); each loss is gated by its loss_use_* flag",
+    "save_path": "upstream's archived loss-variant trainer saved its weights there; a run "
+                 "writes its checkpoints into its own run folder under output_dir",
+    "log_path": "upstream's archived loss-variant trainer wrote its log there; a run writes its "
+                "logs into its own run folder under output_dir",
 }
+
+UPSTREAM_RENAMED_KEYS = {
+    "epochs": ("epochs_image", "upstream's archived loss-variant trainer (engine/archived/"
+               "finetune_trainer_stage2_loss.py) ran `epochs` epochs of image-encoder "
+               "fine-tuning and no prompt stage (set stage_mode: image_only to match)"),
+}
+"""Upstream keys of other scripts that mean one of our knobs: key -> (knob, what it meant)."""
 
 
 AS_RUN_SWITCHES = {
