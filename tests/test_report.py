@@ -264,10 +264,10 @@ def test_missing_and_partial_experiments_give_a_report_that_says_so(experiments,
     never_started = tmp_path / "never"
     never_started.mkdir()
     (never_started / "tune_clipfh_experiment.json").write_text(json.dumps({"kind": "search"}))
-    path = build_report([searched, never_started, tmp_path / "missing"], tmp_path / "out")
+    path = build_report([searched, never_started], tmp_path / "out")
     page = path.read_text()
     assert "No reproduce experiment read" in page
-    assert "never started a trial" in page and "folder does not exist" in page
+    assert "never started a trial" in page
     assert page.count('id="figure-') >= 5
     # the claims say why they are absent: the search's versions were not read
     assert "The choice of search s (vitb16) vs the best version: no vitb16 version (v1-v10) " \
@@ -768,3 +768,19 @@ def test_optimisation_history_counts_race_runs_in_compute_not_in_the_best_so_far
     no_race = tables.optimisation_history(trials.drop(columns=[tables.RACE_COLUMN]),
                                           pd.DataFrame())
     assert no_race["best_by_number"].tolist() == [50.0, 60.0, 90.0]
+
+
+@pytest.mark.parametrize("what", ["missing", "run folder", "empty"])
+def test_cli_report_refuses_a_folder_that_holds_no_experiment(what, tmp_path, capsys):
+    folder = tmp_path / what
+    if what != "missing":
+        folder.mkdir()
+    if what == "run folder":
+        (folder / "config.yaml").write_text("model: rn50\n")
+        (folder / "test_results.json").write_text("{}")
+    assert main(["report", str(folder), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    reason = "folder does not exist" if what == "missing" else "not an experiment folder"
+    assert captured.err.startswith(f"error: {folder}: {reason} (")
+    assert not (tmp_path / "out").exists()

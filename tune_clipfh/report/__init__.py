@@ -54,9 +54,9 @@ def build_report(experiment_dirs: Iterable[str | Path], out_dir: str | Path,
     ``zero_shot_dirs``: zero-shot evaluations (``eval --zero-shot --out``) drawn as reference
     points in figures 1 and 2, beside the thesis's zero-shot CLIP when the protocol matches,
     and compared with the best configurations in the summary's claims."""
-    out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     read = _read(experiment_dirs, reference_csv, zero_shot_dirs)
+    out = Path(out_dir).expanduser().resolve()  # made once the inputs read: no empty report
+    out.mkdir(parents=True, exist_ok=True)
     trials = read.trials
     configs = tables.configurations(trials) if not trials.empty else \
         tables.configurations(pd.DataFrame())

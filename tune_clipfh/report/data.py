@@ -86,18 +86,23 @@ def load_zero_shot(path: str | Path) -> dict[str, Any]:
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Read one experiment folder; problems become ``notes`` instead of exceptions."""
+    """Read one experiment folder; its problems become ``notes`` instead of exceptions, but a
+    folder that holds no experiment at all is a user error (a mistyped path, a run folder)."""
     path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"{path}: folder does not exist (valid: an experiment folder written "
+                        f"by tune-clipfh reproduce, search or ablate)")
     try:
-        meta = experiment_meta(path) if path.is_dir() else {}
+        meta = experiment_meta(path)
     except (OSError, ValueError):
         meta = {}
+    if not meta and not any(path.glob(STATE_GLOB)):
+        raise UserError(f"{path}: not an experiment folder (no readable "
+                        f"tune_clipfh_experiment.json, no Tune {STATE_GLOB}; valid: a folder "
+                        f"written by tune-clipfh reproduce, search or ablate, under --storage)")
     kind = meta.get("kind", "unknown")
     experiment = Experiment(path=path, name=path.name, meta=meta, kind=kind,
                             trials=pd.DataFrame(), history=pd.DataFrame())
-    if not path.is_dir():
-        experiment.notes.append(f"{path}: folder does not exist; nothing read from it.")
-        return experiment
     if not meta:
         experiment.notes.append(f"{path.name}: no tune_clipfh_experiment.json (not an "
                                 f"experiment written by tune-clipfh reproduce/search?).")

@@ -29,6 +29,7 @@ import torch
 
 from ..config import RunConfig, build_config
 from ..data.prepared import PreparedData, identity_set_for, load_prepared, resolve_data_dir
+from ..errors import UserError
 from ..evaluation import UPSTREAM_COLUMNS, upstream_table_row
 from ..jsonable import jsonable
 from ..model.registry import backbone_spec
@@ -178,7 +179,9 @@ def evaluate_run(run_dir: Path, log: Callable[[str], None] = stderr_log,
     """Reload a run's best checkpoint and evaluate it again on its 10 splits."""
     checkpoint_path = run_dir / BEST_FILE
     if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"{checkpoint_path}: no best checkpoint in this run folder")
+        what = "has no best checkpoint" if run_dir.is_dir() else "does not exist"
+        raise UserError(f"--run {run_dir}: the folder {what} ({BEST_FILE}; valid: a run "
+                        f"folder written by tune-clipfh train, once it has a best epoch)")
     checkpoint = load_torch(checkpoint_path)
     config = build_config(checkpoint["config"], str(checkpoint_path)).config
     config.pretrained = "none"  # the weights come from the checkpoint
