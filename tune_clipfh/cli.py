@@ -138,12 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = verbs.add_parser(
-        "eval", help="re-evaluate a saved run on its 10 splits, or a pretrained model zero-shot")
+        "eval", help="re-evaluate a saved run on its 10 splits, a pretrained model zero-shot, "
+        "or a checkpoint of the thesis under the correct and the as-run protocol")
     evaluate.add_argument("--run", help="a run folder (its best checkpoint)")
     evaluate.add_argument("--config", help="with --zero-shot: the configuration to evaluate")
     evaluate.add_argument("--zero-shot", action="store_true",
                           help="evaluate the pretrained weights without any training")
-    evaluate.add_argument("--out", help="with --zero-shot: write test_results.json here")
+    evaluate.add_argument("--upstream-config", metavar="FILE",
+                          help="an upstream eval YAML (configs/eval_stage2_clip_reid/...): "
+                          "evaluate its model_path, a checkpoint of the thesis")
+    evaluate.add_argument("--checkpoint", metavar="FILE",
+                          help="with --upstream-config: this checkpoint instead of model_path")
+    evaluate.add_argument("--data", metavar="DIR",
+                          help="with --upstream-config: the prepared dataset (data_dir)")
+    evaluate.add_argument("--out", help="with --zero-shot: write test_results.json here; with "
+                          "--upstream-config: the results folder (default: "
+                          "output_dir/experiment-time)")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--no-progress", action="store_true")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, describe_keys, load_config, parse_overrides
+from .config import ConfigError, describe_keys, load_config, parse_overrides, read_yaml
 from .errors import UserError
 from .model.registry import THESIS_BACKBONES
 from .resources import config_file
@@ -99,11 +99,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .jsonable import jsonable
     from .train.run import evaluate_run, result_lines, zero_shot_run
 
-    zero_shot_call = args.zero_shot and args.config and not args.run
-    run_call = not args.zero_shot and args.run and not args.config
-    if not (zero_shot_call or run_call):
-        raise UserError("eval takes --run DIR (a trained run), or --config FILE --zero-shot "
-                        "(the pretrained model without training)")
+    modes = [bool(args.run), bool(args.zero_shot or args.config), bool(args.upstream_config)]
+    zero_shot_call = args.zero_shot and args.config and sum(modes) == 1
+    run_call = args.run and sum(modes) == 1
+    upstream_call = args.upstream_config and sum(modes) == 1
+    if (args.checkpoint or args.data) and not upstream_call:
+        raise UserError("--checkpoint and --data go with --upstream-config FILE")
+    if not (zero_shot_call or run_call or upstream_call):
+        raise UserError("eval takes --run DIR (a trained run), --config FILE --zero-shot "
+                        "(the pretrained model without training), or --upstream-config FILE "
+                        "[--checkpoint FILE] (a checkpoint of the thesis)")
+    if upstream_call:
+        return _eval_upstream(args)
     if args.zero_shot:
         config = load_config(config_file(args.config), args.set).config
         out = Path(args.out) if args.out else None
@@ -120,6 +127,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"test, mean +- std over {len(test['per_split'])} splits:")
     for line in result_lines(test):
         print(f"  {line}")
+    return 0
+
+
+def _eval_upstream(args: argparse.Namespace) -> int:
+    from .jsonable import jsonable
+    from .train.run import result_lines
+    from .train.upstream_eval import PROTOCOLS, evaluate_upstream, upstream_checkpoint_path
+
+    loaded = load_config(args.upstream_config, args.set,
+                         extra={"data_dir": args.data} if args.data else None)
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    config = loaded.config
+    checkpoint = upstream_checkpoint_path(read_yaml(args.upstream_config).get("model_path"),
+                                          args.checkpoint, args.upstream_config)
+    out = _run_folder(args.out, config.output_dir, config.experiment)
+    result = evaluate_upstream(config, checkpoint, out, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(jsonable({p: None if result[p] is None else
+                                   {"mean": result[p]["mean"], "std": result[p]["std"]}
+                                   for p in PROTOCOLS}), indent=1))
+        return 0
+    for protocol in PROTOCOLS:
+        test = result[protocol]
+        if test is None:
+            print(f"{protocol}: not evaluated: {result['as_run_skipped']}")
+            continue
+        print(f"{protocol}: test, mean +- std over {len(test['per_split'])} splits:")
+        for line in result_lines(test):
+            print(f"  {line}")
+    print(f"results folder: {out}")
     return 0
 
 

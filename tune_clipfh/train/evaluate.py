@@ -84,13 +84,18 @@ class Evaluator:
 
     def test(self) -> dict[str, Any]:
         """The 10-split test: features of every test image extracted once, ranked per split."""
-        data, cfg = self.data, self.config
-        features = self.extract(data.test_rows).cpu()
+        cfg = self.config
+        features = self.extract(self.data.test_rows).cpu()
         metric = cfg.eval_metric
         if cfg.eval_fusion == "sos_text":
             features, metric = self._fuse_sos_text(features), "dot"
-        splits = [(s.query, s.gallery) for s in data.test_splits]
-        return evaluate_splits(features, data.test_ids, splits, metric=metric, ap=cfg.eval_ap)
+        return self.rank_test(features, metric)
+
+    def rank_test(self, features: torch.Tensor, metric: str) -> dict[str, Any]:
+        """The 10 splits ranked on given features of the test images (one row each)."""
+        splits = [(s.query, s.gallery) for s in self.data.test_splits]
+        return evaluate_splits(features, self.data.test_ids, splits, metric=metric,
+                               ap=self.config.eval_ap)
 
     @torch.no_grad()
     def _fuse_sos_text(self, features: torch.Tensor) -> torch.Tensor:
