@@ -4,6 +4,7 @@ random full-size weights: no download), and eval's refusals as one `error:` line
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import open_clip
@@ -19,8 +20,10 @@ from tune_clipfh.model.backbone import ClipBackbone
 from tune_clipfh.model.errors import ModelLoadError
 from tune_clipfh.model.registry import BACKBONES
 from tune_clipfh.model.upstream import (
+    Unread,
     UpstreamCheckpoint,
     load_into,
+    load_weights_only,
     prompt_file_for,
     sos_text_feature,
 )
@@ -84,6 +87,18 @@ def upstream_prompt_state(clip: open_clip.CLIP, backbone: str) -> dict[str, torc
     return state
 
 
+class CombinedLoss(torch.nn.Module):
+    """Stands for upstream's loss object, pickled into the checkpoint's config (B16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cross_entropy = torch.nn.CrossEntropyLoss()
+
+
+UNREAD = "pickled test_upstream_eval.CombinedLoss, torch.nn.modules.loss.CrossEntropyLoss " \
+         "not run (placeholders)"
+
+
 def write_upstream_checkpoint(clip: open_clip.CLIP, backbone: str, path: Path,
                               prompt: bool) -> Path:
     """save_checkpoint's layout: CLIP + the heads registered on it, wrapped with epoch, config
@@ -97,7 +112,8 @@ def write_upstream_checkpoint(clip: open_clip.CLIP, backbone: str, path: Path,
     state = {k: v.half() if v.is_floating_point() else v
              for k, v in {**clip.state_dict(), **heads}.items()}
     torch.save({"epoch": 30, "model_state_dict": state, "loss": None,
-                "config": {"model": backbone, "n_ctx": UPSTREAM_N_CTX},
+                "config": {"model": backbone, "n_ctx": UPSTREAM_N_CTX,
+                           "loss_fn": CombinedLoss()},
                 "metadata": {"clip_variant": "ViT-B/16", "stage": "image"}}, path)
     if prompt:
         torch.save(upstream_prompt_state(clip, backbone), prompt_file_for(path))
@@ -120,7 +136,7 @@ def test_vitb16_checkpoint_with_its_prompt_file_is_evaluated_under_both_protocol
                          f"stored, {len(clips('vitb16').state_dict())} CLIP tensors; bottleneck "
                          f"-> BNNeck (used by eval_feature: post_bn); arcface, classifier "
                          f"ignored (ID heads, not used at test); prompt file "
-                         f"{Path(model_path).stem}_prompt.pth"]
+                         f"{Path(model_path).stem}_prompt.pth; {UNREAD}"]
     summary = json.loads((out / SUMMARY_FILE).read_text())
     for protocol in PROTOCOLS:
         tested = json.loads((out / protocol / "test_results.json").read_text())
@@ -140,7 +156,7 @@ def test_rn50_checkpoint_without_prompt_file_tests_correctly_and_says_why_not_as
                            "select_on": "test_split0"}, "test").config
     result = evaluate_upstream(config, checkpoint, tmp_path / "out", log=lambda _: None,
                                progress=False)
-    assert result["description"].endswith("; no prompt file (rn50_BEST_prompt.pth absent)")
+    assert result["description"].endswith(f"; no prompt file (rn50_BEST_prompt.pth absent); {UNREAD}")
     assert result["as_run"] is None and "only the prompt file holds" in result["as_run_skipped"]
     assert not (tmp_path / "out" / "as_run").exists()
     summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
@@ -179,10 +195,6 @@ def test_the_as_run_text_vector_is_upstreams_with_or_without_the_prompt_file(bac
 
 
 # --- refusals: one line naming the file and what was expected --------------------------------
-class NotAWeight:  # stands for upstream's pickled CombinedLoss in config (B16)
-    pass
-
-
 def fake_vit_signature() -> dict[str, torch.Tensor]:
     return {"visual.conv1.weight": torch.zeros(768, 3, 16, 16),
             "text_projection": torch.zeros(512, 512)}
@@ -198,14 +210,40 @@ REFUSED = {
                         "(a bare CLIP state dict is a weights file: set pretrained: FILE)"),
     "torchscript": (lambda p: torch.jit.script(torch.nn.Identity()).save(str(p)),
                     "a TorchScript archive, not a checkpoint"),
-    "pickled object": (lambda p: torch.save({"model_state_dict": fake_vit_signature(),
-                                             "config": {"loss_fn": NotAWeight()}}, p),
-                       "holds pickled objects that weights-only loading refuses ("
-                       "test_upstream_eval.NotAWeight); keep only its weights"),
+    "a blocked module's function": (
+        lambda p: torch.save({"model_state_dict": {}, "hook": RunsCode(os.system, p)}, p),
+        f"holds pickled objects weights-only loading refuses ({os.system.__module__}.system): "
+        f"UnpicklingError"),
     "other backbone": (lambda p: torch.save({"model_state_dict": fake_vit_signature()}, p),
                        "holds a vitb16 backbone but the config says model: rn50 (set model: "
                        "vitb16)"),
 }
+
+
+def touch(path: str) -> None:
+    Path(path).touch()
+
+
+class RunsCode:
+    """A pickle whose loading calls a function of the file's choice, with its arguments."""
+
+    def __init__(self, function, marker: Path):
+        self.function, self.marker = function, marker
+
+    def __reduce__(self):
+        return self.function, (str(self.marker),)
+
+
+def test_a_pickled_object_is_read_as_data_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "c.pth"
+    torch.save({"model_state_dict": {"x": torch.ones(2)}, "config": {"hook": RunsCode(touch, marker)}},
+               path)
+    loaded, unread = load_weights_only(path, "checkpoint")
+    assert unread == ["test_upstream_eval.touch"] and not marker.exists()
+    assert isinstance(loaded["config"]["hook"], Unread)
+    assert loaded["config"]["hook"].args == (str(marker),)
+    assert torch.equal(loaded["model_state_dict"]["x"], torch.ones(2))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")

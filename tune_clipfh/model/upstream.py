@@ -6,15 +6,17 @@ names open_clip's CLIP uses too) plus the heads ``register_bnneck_and_arcface`` 
 (``bottleneck.*``, ``arcface.weight``, ``classifier.*``). A sibling ``<name>_prompt.pth`` holds
 the prompt learner (``cls_ctx``, ``token_prefix``, ``token_suffix``; ``proj.*`` for RN50).
 
-Files load with ``weights_only=True``: a checkpoint whose ``config`` still holds upstream's
-pickled loss object (B16) is refused in one line that says how to strip it.
+Files load with ``weights_only=True``. Upstream's ``config`` pickles its loss object (B16),
+which that loader refuses; such objects are read as inert placeholders (:class:`Unread`: no
+upstream code is imported or run, the tensors load as usual) and named in the one-line
+description.
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -30,8 +32,28 @@ HEAD_PREFIXES = ("bottleneck.", "arcface.", "classifier.")
 counterpart at test (``eval_feature: post_bn``), the ID heads serve training only."""
 EXPECTED = ("expected upstream's Stage-2 checkpoint: a torch.save'd dict with "
             "'model_state_dict' (utils/save_load_models.py)")
-STRIP_HINT = ("keep only its weights, in upstream's environment: c = torch.load(F); "
-              "torch.save({'model_state_dict': c['model_state_dict'], 'epoch': c['epoch']}, F)")
+
+
+class Unread:
+    """What a pickled object of a class weights-only loading does not allow becomes: its
+    pickled arguments and state are kept as data, its class is never imported or called."""
+
+    qualified_name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _placeholders(names: list[str]) -> list[tuple[type, str]]:
+    """One :class:`Unread` subclass per refused global, allowed under that global's name."""
+    return [(type(f"Unread[{name}]", (Unread,), {"qualified_name": name}), name)
+            for name in names]
 
 
 @dataclass
@@ -44,6 +66,8 @@ class UpstreamCheckpoint:
     ignored: list[str]  # head modules with no use at test
     prompt_path: Path
     prompt: dict[str, torch.Tensor] | None  # None: no prompt file beside the checkpoint
+    # pickled classes read as placeholders (upstream's loss object: B16)
+    unread: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """One line: what was found and what of it is used."""
@@ -56,6 +80,8 @@ class UpstreamCheckpoint:
             parts.append(f"{', '.join(self.ignored)} ignored (ID heads, not used at test)")
         parts.append(f"prompt file {self.prompt_path.name}" if self.prompt is not None
                      else f"no prompt file ({self.prompt_path.name} absent)")
+        if self.unread:
+            parts.append(f"pickled {', '.join(self.unread)} not run (placeholders)")
         return "; ".join(parts)
 
 
@@ -65,8 +91,9 @@ def prompt_file_for(path: Path) -> Path:
         else path.with_name(f"{path.name}_prompt.pth")
 
 
-def load_weights_only(path: Path, what: str) -> object:
-    """``torch.load(weights_only=True)`` with every refusal as one line naming the file."""
+def load_weights_only(path: Path, what: str) -> tuple[object, list[str]]:
+    """``torch.load(weights_only=True)`` with every refusal as one line naming the file; also
+    the names of the pickled classes read as :class:`Unread` placeholders."""
     if not path.is_file():
         raise ModelLoadError(f"{what} {path}: file not found ({EXPECTED})")
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl")
@@ -74,22 +101,26 @@ def load_weights_only(path: Path, what: str) -> object:
         raise ModelLoadError(f"{what} {path}: a TorchScript archive, not a checkpoint "
                              f"({EXPECTED}; an OpenAI .pt is a `pretrained:` weights file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError as exc:
         unsafe = _unsafe_globals(path)
         if not unsafe:
             raise ModelLoadError(f"{what} {path}: not a torch checkpoint ({_first_line(exc)})") \
                 from None
-        raise ModelLoadError(f"{what} {path}: holds pickled objects that weights-only loading "
-                             f"refuses ({', '.join(unsafe[:3])}); {STRIP_HINT}") from None
     except Exception as exc:  # torch raises many types for a file that is no checkpoint
         raise ModelLoadError(f"{what} {path}: not a torch checkpoint ({_first_line(exc)}; "
                              f"{EXPECTED})") from None
+    try:
+        with torch.serialization.safe_globals(_placeholders(unsafe)):
+            return torch.load(path, map_location="cpu", weights_only=True), unsafe
+    except Exception as exc:  # an opcode weights-only loading never allows
+        raise ModelLoadError(f"{what} {path}: holds pickled objects weights-only loading "
+                             f"refuses ({', '.join(unsafe[:3])}): {_first_line(exc)}") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # an old-format or damaged file: the caller says it is no checkpoint
         return []
 
@@ -103,7 +134,7 @@ def read_upstream_checkpoint(path: str | Path, model: str) -> UpstreamCheckpoint
     """Read an upstream checkpoint (and its prompt file, when present) for backbone ``model``;
     floating tensors come back in fp32 (upstream checkpoints may hold fp16)."""
     path = Path(path).expanduser()
-    loaded = load_weights_only(path, "checkpoint")
+    loaded, unread = load_weights_only(path, "checkpoint")
     state = loaded.get("model_state_dict") if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
@@ -119,7 +150,8 @@ def read_upstream_checkpoint(path: str | Path, model: str) -> UpstreamCheckpoint
                              f"model: {model} (set model: {found})")
     heads = {k for k in state if k.startswith(HEAD_PREFIXES)}
     prompt_path = prompt_file_for(path)
-    prompt = load_weights_only(prompt_path, "prompt file") if prompt_path.is_file() else None
+    prompt = load_weights_only(prompt_path, "prompt file")[0] if prompt_path.is_file() \
+        else None
     if prompt is not None:
         _check_prompt(prompt, prompt_path)
     return UpstreamCheckpoint(
@@ -128,7 +160,7 @@ def read_upstream_checkpoint(path: str | Path, model: str) -> UpstreamCheckpoint
         bottleneck={k.removeprefix("bottleneck."): v for k, v in state.items()
                     if k.startswith("bottleneck.")},
         ignored=sorted({k.split(".")[0] for k in heads} - {"bottleneck"}),
-        prompt_path=prompt_path, prompt=prompt)
+        prompt_path=prompt_path, prompt=prompt, unread=unread)
 
 
 def _signature(arch: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
