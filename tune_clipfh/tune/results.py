@@ -47,11 +47,19 @@ def load_results(path: str | Path) -> pd.DataFrame:
         row["kind"] = "fixed" if config.get("fixed") else "search"
         row["seed"] = knobs.get("seed", base_seed)
         row["trial_status"] = trial.status
-        if not result.get("final"):
-            row["status"] = "errored" if trial.status == "ERROR" else (
-                "stopped_by_scheduler" if trial.status == "TERMINATED" else "unfinished")
+        row["status"] = trial_outcome(result, errored=trial.status == "ERROR",
+                                      ended=trial.status == "TERMINATED")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def trial_outcome(result: dict[str, Any], errored: bool, ended: bool) -> str | None:
+    """A trial's status from its last row: the run's own (completed, early_stopped, diverged,
+    ...) when it has its final row, else ``errored``, ``stopped_by_scheduler`` (ASHA) or
+    ``unfinished``."""
+    if result.get("final"):
+        return result.get("status")
+    return "errored" if errored else ("stopped_by_scheduler" if ended else "unfinished")
 
 
 def trial_config(path: str | Path, trial_id: str) -> dict[str, Any]:
