@@ -8,6 +8,7 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .commands import (
@@ -16,6 +17,7 @@ from .commands import (
     cmd_best,
     cmd_config_check,
     cmd_config_keys,
+    cmd_dashboard,
     cmd_data_prepare,
     cmd_data_synth,
     cmd_demo,
@@ -29,6 +31,7 @@ from .commands import (
 )
 from .data.manifest import IDENTITY_SETS
 from .errors import UserError
+from .extras import MLFLOW_ENV
 from .model.registry import BACKBONES, THESIS_BACKBONES
 from .names import ASPECTS, DATASETS
 from .tune.defaults import (
@@ -82,6 +85,14 @@ def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
                         help="retries of a crashed trial from its last checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a knob in every trial")
+    _add_mlflow(parser)
+
+
+def _add_mlflow(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mlflow", metavar="URI", default=os.environ.get(MLFLOW_ENV) or None,
+                        help="track the runs in MLflow at this tracking URI (sqlite:///FILE or "
+                        f"a server's http(s) address; default: ${MLFLOW_ENV}, else none); "
+                        "needs pip install 'tune-clipfh[mlflow]'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     train.add_argument("--out", help="run folder (default: output_dir/experiment-time)")
     train.add_argument("--no-progress", action="store_true")
+    _add_mlflow(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = verbs.add_parser(
@@ -242,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--metric", help="the validation metric to choose by (default: the "
                       "search's objective, e.g. best_val_rank1)")
     best.set_defaults(func=cmd_best)
+
+    dashboard = verbs.add_parser("dashboard", help="open optuna-dashboard on a search's study "
+                                 "(on 127.0.0.1 only), until Ctrl-C")
+    dashboard.add_argument("experiment", metavar="SEARCH_DIR",
+                           help="a search experiment folder (its optuna.db)")
+    dashboard.add_argument("--port", type=int, default=8080,
+                           help="port on 127.0.0.1 (default: %(default)s; 0: a free one)")
+    dashboard.set_defaults(func=cmd_dashboard)
 
     report = verbs.add_parser("report", help="write report.html (plotly, offline) and CSV "
                               "tables from reproduce/search experiments")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError, describe_keys, load_config, parse_overrides, read_yaml
 from .errors import UserError
+from .extras import require
 from .model.registry import THESIS_BACKBONES
 from .resources import config_file
 
@@ -75,11 +76,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = _run_folder(args.out, loaded.config.output_dir, loaded.config.experiment)
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
+    if args.mlflow:
+        require("mlflow")  # before training, not after it
     started = time.perf_counter()
     result = train_run(loaded.config, run_dir, resume=bool(args.resume),
                        progress=not args.no_progress)
     wall = time.perf_counter() - started
     print(f"run folder: {run_dir}")
+    if args.mlflow:
+        from .tune.tracking import track_run_folder
+
+        print(f"MLflow run {track_run_folder(args.mlflow, run_dir)} at {args.mlflow}")
     print(f"status: {result.status}; epochs run: {result.epochs_run}; wall time {wall:.1f}s")
     if result.best_epoch is not None:
         print(f"best validation (stage-2 epoch {result.best_epoch}): "
@@ -183,19 +190,24 @@ def cmd_versions(args: argparse.Namespace) -> int:
 def _experiment_options(args: argparse.Namespace):
     from .tune.experiment import ExperimentOptions
 
+    if args.mlflow:
+        require("mlflow")  # before Ray starts
     return ExperimentOptions(
         name=args.name, storage=args.storage, profile=args.profile, seeds=args.seeds,
         data=args.data, cache_dir=args.cache_dir, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         address=args.address, resume=args.resume, max_failures=args.max_failures,
-        overrides=parse_overrides(args.set))
+        overrides=parse_overrides(args.set), mlflow=args.mlflow)
 
 
-def _finish_experiment(path: Path, started: float, verb: str) -> int:
-    """Summarise an experiment; an interrupted one says how to resume it and exits 130."""
+def _finish_experiment(path: Path, started: float, verb: str, mlflow: str | None) -> int:
+    """Summarise an experiment (with ``mlflow``, its report goes to the tracker too); an
+    interrupted one says how to resume it and exits 130."""
     from .tune.results import load_results, summarize_experiment
 
     print(summarize_experiment(path))
+    if mlflow:
+        _track_report(path, mlflow)
     print(f"experiment folder: {path} ({time.perf_counter() - started:.0f}s)")
     frame = load_results(path)
     unfinished = int((frame["status"] == "unfinished").sum()) if not frame.empty else 0
@@ -207,13 +219,25 @@ def _finish_experiment(path: Path, started: float, verb: str) -> int:
     return 0
 
 
+def _track_report(path: Path, uri: str) -> None:
+    """The experiment's report, written into ``<experiment>/report``, as the artifacts of its
+    MLflow parent run."""
+    from .report import build_report
+    from .tune.tracking import log_experiment_artifacts
+
+    page = build_report([path], path / "report", log=lambda line: print(line, file=sys.stderr))
+    log_experiment_artifacts(uri, path, page.parent)
+    print(f"MLflow experiment {path.name} at {uri}: one run per trial, the report as the "
+          f"artifacts of its parent run")
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .tune.experiment import reproduce
 
     started = time.perf_counter()
     path = reproduce(_split(args.backbones), _split(args.versions) or None,
                      _experiment_options(args), as_run=args.as_run)
-    return _finish_experiment(path, started, "reproduce")
+    return _finish_experiment(path, started, "reproduce", args.mlflow)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -234,12 +258,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         from .tune.experiment import ablate
 
         path = ablate(args.backbone, args.version, _experiment_options(args))
-        return _finish_experiment(path, started, "ablate")
+        return _finish_experiment(path, started, "ablate", args.mlflow)
     from .tune.ablation import DEFAULT_DIRECTION, ablate_toward, ablation_summary
 
     path = ablate_toward(args.backbone, args.version, args.toward, _experiment_options(args),
                          args.direction or DEFAULT_DIRECTION)
-    code = _finish_experiment(path, started, "ablate")
+    code = _finish_experiment(path, started, "ablate", args.mlflow)
     if code == 0:
         print(ablation_summary(path))
     return code
@@ -257,7 +281,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                   budget_trial_seconds=args.budget_trial_seconds,
                   budget_share=args.budget_share, race_top=args.race_top,
                   race_runs=args.race_runs, race_over=args.race_over)
-    code = _finish_experiment(path, started, "search")
+    code = _finish_experiment(path, started, "search", args.mlflow)
     if code == 0:
         print(f"the search's choice: `tune-clipfh best {path}`")
     return code
@@ -270,6 +294,17 @@ def cmd_best(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     out = write_choice(config, args.out or Path(args.experiment) / "best_config.yaml")
     print(f"configuration written to {out} (train it: tune-clipfh train --config {out})")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve optuna-dashboard on the experiment's study until Ctrl-C (exit 130, as every verb)."""
+    from .tune.dashboard import dashboard_server
+
+    server, url = dashboard_server(args.experiment, args.port)
+    print(f"optuna-dashboard of {args.experiment} at {url} (Ctrl-C to stop)", flush=True)
+    with server:
+        server.serve_forever()
     return 0
 
 

@@ -34,6 +34,7 @@ from ..model.registry import BACKBONES, backbone_spec
 from .gpus import AUTO, plan_gpus, ray_probe
 from .progress import TrialProgress, trial_folder_name
 from .ray_session import init_ray
+from .tracking import tracking_callbacks
 from .trainable import META_KEYS, clipfh_trainable
 from .versions import VERSIONS_AS_RUN_FILE, VERSIONS_FILE, load_versions, scaled_to_overlay
 
@@ -54,6 +55,8 @@ class ExperimentOptions:
     resume: bool = False
     max_failures: int = 2
     overrides: dict[str, Any] = field(default_factory=dict)
+    mlflow: str | None = None
+    """An MLflow tracking URI: each trial becomes a run there (see :mod:`.tracking`)."""
 
 
 def default_storage() -> Path:
@@ -111,12 +114,12 @@ def plan_trial_gpus(options: ExperimentOptions, knob_sets: list[dict[str, Any]],
     return plan.gpus_per_trial
 
 
-def _run_config(options: ExperimentOptions, storage: str, name: str):
+def _run_config(options: ExperimentOptions, storage: str, name: str, callbacks: list):
     return tune.RunConfig(
         name=name, storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[TrialProgress()], verbose=0)
+        callbacks=callbacks, verbose=0)
 
 
 def tune_config(**kwargs):
@@ -132,11 +135,16 @@ def tune_config(**kwargs):
                            trial_dirname_creator=trial_folder_name, **kwargs)
 
 
-def _restore(path: Path, trainable):
+def _restore(path: Path, trainable, callbacks: list):
+    """The interrupted experiment, with this call's callbacks: its saved ones would keep the
+    tracking of the first call (``--mlflow`` given then or not), and Tuner.restore takes no
+    run config, so they are replaced in the restored one."""
     if tune.Tuner.can_restore(str(path)):
         _stderr(f"[tune] resuming experiment {path}")
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+        return tuner
     raise UserError(f"--resume: no experiment to resume at {path} (check --name and --storage)")
 
 
@@ -237,10 +245,11 @@ def fit_experiment(options: ExperimentOptions, storage: str, name: str,
         tune.with_parameters(clipfh_trainable, base_knobs=base_knobs, **shared),
         {"cpu": options.cpus_per_trial, "gpu": gpus_per_trial})
     init_ray(options)
+    callbacks = [TrialProgress(), *tracking_callbacks(options.mlflow, path, base_knobs)]
     if options.resume:
-        tuner = _restore(path, trainable)
+        tuner = _restore(path, trainable, callbacks)
     else:
-        tuner = tune.Tuner(trainable, run_config=_run_config(options, storage, name),
+        tuner = tune.Tuner(trainable, run_config=_run_config(options, storage, name, callbacks),
                            **tuner_kwargs)
     _write_meta(path, {"profile": options.profile, "data_dir": shared["data_dir"],
                        "gpus_per_trial": gpus_per_trial, **meta})
