@@ -37,3 +37,6 @@ epoch; the first chooses among configurations (:mod:`.selection`). ``rank1_expec
 averaged over every gallery draw of the validation identities, ``rank1_at_test_size`` the same
 read at the test gallery's size (``evaluation.expected_rank1``)."""
 OBJECTIVE = "rank1_at_test_size"
+
+STUDY_FILE = "optuna.db"
+"""Where a search keeps its Optuna study, in its experiment folder (``dashboard`` opens it)."""

@@ -30,6 +30,7 @@ from .defaults import (
     RACE_TOP,
     SAMPLER,
     SAMPLERS,
+    STUDY_FILE,
 )
 from .experiment import (
     ExperimentOptions,
@@ -111,7 +112,7 @@ def search(space_path: str | None, num_samples: int, objective: str, backbone: s
         {**base, "batch_size": space_maximum(space, "batch_size", base_config.batch_size)}])
     metrics = OBJECTIVES[objective]
     path.mkdir(parents=True, exist_ok=True)
-    study_url = f"sqlite:///{path / 'optuna.db'}"
+    study_url = f"sqlite:///{path / STUDY_FILE}"
     evaluated, points = _warm_start(study_url, name, space, backbone, from_experiment, metrics,
                                     options, warm_start)
     searcher = BudgetedOptunaSearch.create(
