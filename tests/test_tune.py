@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import optuna
 import pytest
 import torch
@@ -638,7 +639,7 @@ def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_pat
             "--set", "epochs_prompt=1", "--set", "epochs_image=6",
             "--set", "early_stop_patience=0", "--set", "checkpoint_min_interval_s=0",
             "--space", str(space_file), "--backbone", "vitb16", "--num-samples", "4",
-            "--race-top", "0"]
+            "--race-top", "0", "--mlflow", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     expected = 4
     proc = drivers.start(argv, log)
     try:
@@ -689,6 +690,17 @@ def test_resume_after_sigint_keeps_finished_trials_and_finishes_the_rest(tmp_pat
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * expected
     objective = OBJECTIVES[OBJECTIVE][0]
     assert sorted(t.values[0] for t in study.trials) == sorted(after[objective])
+
+    # MLflow: one run per trial, the interrupted trial's included, and no epoch logged twice
+    # (its epochs re-run from the checkpoint were skipped).
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("interrupted").experiment_id])
+    trial_runs = {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+    assert len(runs) == expected + 1 and set(trial_runs) == set(after["trial_id"])
+    for trial_id, run in trial_runs.items():
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_rank1")]
+        assert steps == sorted(set(steps)), (trial_id, steps)
+        assert run.data.tags["status"] == after.set_index("trial_id").loc[trial_id, "status"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ def _run_folder(out: str | None, output_dir: str, experiment: str) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.run import result_lines, train_run
 
+    if args.mlflow:
+        require("mlflow")  # before training, not after it
     if args.resume:
         run_dir = Path(args.resume)
         loaded = load_config(run_dir / "config.yaml", args.set)
@@ -76,8 +78,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = _run_folder(args.out, loaded.config.output_dir, loaded.config.experiment)
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.mlflow:
-        require("mlflow")  # before training, not after it
     started = time.perf_counter()
     result = train_run(loaded.config, run_dir, resume=bool(args.resume),
                        progress=not args.no_progress)
