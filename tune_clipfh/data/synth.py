@@ -36,7 +36,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,14 +154,20 @@ def render(
     image_size: tuple[int, int] = (160, 120),
     aspects: Iterable[str] = ASPECTS_OF_HAND,
     namespace: int = 0,
+    rows: Collection[int] | None = None,
 ) -> Iterator[HandImage]:
     """Draw the images in memory, identity by identity, then aspect, then image (the file
-    order of `synthesize`). ``aspects`` picks some aspects; each image is drawn from its own
-    streams, so they are the same as in the whole."""
+    order of `synthesize`). ``aspects`` picks some aspects and ``rows`` some positions of that
+    sequence (the others are skipped, not drawn); each image is drawn from its own streams, so
+    it is the same as in the whole."""
     _check_arguments(identities, images_per_identity, image_size, namespace)
     lighting = _Lighting(_stream_key(namespace, seed), *image_size)
-    wanted = set(aspects)
+    wanted = [a for a in ASPECTS_OF_HAND if a in set(aspects)]
+    per_identity = len(wanted) * images_per_identity
     for index in range(identities):
+        first = index * per_identity
+        if rows is not None and not any(r in rows for r in range(first, first + per_identity)):
+            continue
         person = _make_identity(seed, index, identities, namespace)
         for aspect_index, aspect in enumerate(ASPECTS_OF_HAND):
             if aspect not in wanted:
@@ -170,6 +176,9 @@ def render(
             # Left hands mirror right ones; seen from the palm they mirror again.
             mirror = ("left" in aspect) != ("palmar" in aspect)
             for image_index in range(images_per_identity):
+                row = first + wanted.index(aspect) * images_per_identity + image_index
+                if rows is not None and row not in rows:
+                    continue
                 rng = np.random.default_rng(
                     _stream_key(namespace, seed, index, aspect_index, image_index))
                 accessories = int(

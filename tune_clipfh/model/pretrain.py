@@ -106,31 +106,49 @@ def recipe_of(backbone_key: str) -> Recipe:
 
 @dataclass
 class Corpus:
-    pixels: torch.Tensor  # uint8 [N, 3, S, S]
-    identities: np.ndarray  # str [N]
-    captions: list[str]  # the distinct captions, sorted
-    caption_index: torch.Tensor  # long [N]: each image's caption in ``captions``
+    pixels: torch.Tensor  # uint8 [M, 3, S, S]: the drawn rows
+    identities: np.ndarray  # str [M]
+    captions: list[str]  # the distinct captions of the drawn rows, sorted
+    caption_index: torch.Tensor  # long [M]: each drawn image's caption in ``captions``
+    size: int  # rows of the whole corpus (the batch order draws from all of them)
+    slot: torch.Tensor | None = None  # long [size]: each row's place among the drawn ones
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pixels and caption indices of corpus ``rows``."""
+        drawn = rows if self.slot is None else self.slot[rows]
+        return self.pixels[drawn], self.caption_index[drawn]
 
 
-def build_corpus(recipe: Recipe, seed: int, image_size: int, progress: bool = False) -> Corpus:
-    """Draw the captioned corpus in memory, pixels prepared as the image store prepares them."""
-    total = recipe.identities * recipe.images_per_identity * len(recipe.aspects)
-    pixels = np.empty((total, image_size, image_size, 3), dtype=np.uint8)
+def build_corpus(recipe: Recipe, seed: int, image_size: int, progress: bool = False,
+                 rows: torch.Tensor | None = None) -> Corpus:
+    """Draw the captioned corpus in memory, pixels prepared as the image store prepares them;
+    ``rows``: only those (a replay draws what its first batches take; the pixels, and the order
+    of a batch's distinct captions, are those of the whole corpus)."""
+    size = recipe.identities * recipe.images_per_identity * len(recipe.aspects)
+    wanted = None if rows is None else torch.unique(rows)
+    count = size if wanted is None else len(wanted)
+    pixels = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
     texts, identities = [], []
     drawn = render(recipe.identities, recipe.images_per_identity, seed, recipe.render_size,
-                   aspects=recipe.aspects, namespace=recipe.namespace)
-    for row, hand in enumerate(tqdm(drawn, total=total, desc="pretraining corpus",
+                   aspects=recipe.aspects, namespace=recipe.namespace,
+                   rows=None if wanted is None else set(wanted.tolist()))
+    for row, hand in enumerate(tqdm(drawn, total=count, desc="pretraining corpus",
                                     disable=not progress, leave=False)):
         pixels[row] = _as_stored(hand.image, image_size)
         texts.append(caption(hand.attributes, recipe.caption_fields))
         identities.append(hand.attributes.id)
     captions = sorted(set(texts))
     position = {text: k for k, text in enumerate(captions)}
+    slot = None
+    if wanted is not None:
+        slot = torch.full((size,), -1, dtype=torch.long)
+        slot[wanted] = torch.arange(count)
     return Corpus(
         pixels=torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
         identities=np.array(identities),
         captions=captions,
         caption_index=torch.tensor([position[t] for t in texts], dtype=torch.long),
+        size=size, slot=slot,
     )
 
 
@@ -156,6 +174,11 @@ def batch_order(count: int, batch_size: int, steps: int, seed: int) -> Iterator[
             order = torch.randperm(count, generator=generator)
         yield order[:size]
         order = order[size:]
+
+
+def first_batches(count: int, recipe: Recipe, seed: int, steps: int) -> Iterator[torch.Tensor]:
+    """The first ``steps`` batches of the recipe's batch order over ``count`` images."""
+    return itertools.islice(batch_order(count, recipe.batch_size, recipe.steps, seed), steps)
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -215,10 +238,10 @@ def train_contrastive(model: open_clip.CLIP, tokenizer: Callable, corpus: Corpus
     losses = []
     steps = recipe.steps if stop_after is None else min(stop_after, recipe.steps)
     bar = tqdm(total=steps, desc="contrastive pretraining", disable=not progress, leave=False)
-    for rows in itertools.islice(
-            batch_order(len(corpus.pixels), recipe.batch_size, recipe.steps, seed), steps):
-        distinct, index = torch.unique(corpus.caption_index[rows], return_inverse=True)
-        images = to_float(corpus.pixels[rows].to(device), memory_format=memory_format)
+    for rows in first_batches(corpus.size, recipe, seed, steps):
+        pixels, caption_index = corpus.take(rows)
+        distinct, index = torch.unique(caption_index, return_inverse=True)
+        images = to_float(pixels.to(device), memory_format=memory_format)
         loss = contrastive_loss(model.encode_image(images),
                                 model.encode_text(tokens[distinct].to(device)),
                                 index.to(device), model.logit_scale)
@@ -246,11 +269,15 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 def pretrain_model(backbone_key: str, recipe: Recipe, seed: int, progress: bool = False,
                    stop_after: int | None = None) -> tuple[open_clip.CLIP, list[float], Corpus]:
     """Build the corpus and pretrain a fresh tiny ``backbone_key`` on it on the CPU (no
-    cache); ``stop_after`` steps only, if given."""
+    cache); ``stop_after`` steps only, if given, on the corpus rows those steps take."""
     spec = backbone_spec(backbone_key)
     arch = spec.tiny_arch
     image_size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
-    corpus = build_corpus(recipe, seed, image_size, progress)
+    rows = None
+    if stop_after is not None:
+        size = recipe.identities * recipe.images_per_identity * len(recipe.aspects)
+        rows = torch.cat(list(first_batches(size, recipe, seed, stop_after)))
+    corpus = build_corpus(recipe, seed, image_size, progress, rows=rows)
     model = create_model(arch, seed)
     losses = train_contrastive(model, open_clip.get_tokenizer(arch), corpus, recipe, seed,
                                progress=progress, channels_last=spec.tower == "resnet",
@@ -330,7 +357,7 @@ def _build(backbone_key: str, seed: int, recipe: Recipe, path: Path, progress: b
     model, losses, corpus = pretrain_model(backbone_key, recipe, seed, progress)
     record = {"backbone": backbone_key, "arch": arch, "seed": seed,
               "generator_version": GENERATOR_VERSION, "format": PRETRAIN_FORMAT,
-              "recipe": dataclasses.asdict(recipe), "images": len(corpus.pixels),
+              "recipe": dataclasses.asdict(recipe), "images": corpus.size,
               "distinct_captions": len(corpus.captions),
               "loss_first": losses[0], "loss_last": losses[-1],
               "loss_last_10_mean": float(np.mean(losses[-10:])), "loss_curve": losses,
