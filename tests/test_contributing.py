@@ -81,9 +81,11 @@ def test_the_backbone_example_is_the_registry_entry():
     assert spec == BACKBONES[spec.key]
 
 
-def test_a_backbone_entry_needs_a_valid_tower():
+def test_a_backbone_entry_needs_a_valid_tower_and_miniature_finding():
     with pytest.raises(ValueError, match="tower 'cnn' is not valid"):
         dataclasses.replace(BACKBONES["rn50"], tower="cnn")
+    with pytest.raises(ValueError, match="miniature 'good' is not valid"):
+        dataclasses.replace(BACKBONES["rn50"], miniature="good")
 
 
 def package_imports() -> dict[str, set[str]]:

@@ -16,12 +16,14 @@ import random
 import re
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 
+import tune_clipfh.report as report_module
 from tune_clipfh.cli import main
 from tune_clipfh.errors import UserError
 from tune_clipfh.evaluation import UPSTREAM_COLUMNS
@@ -784,3 +786,22 @@ def test_cli_report_refuses_a_folder_that_holds_no_experiment(what, tmp_path, ca
     reason = "folder does not exist" if what == "missing" else "not an experiment folder"
     assert captured.err.startswith(f"error: {folder}: {reason} (")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mechanics_only_miniature_is_marked_wherever_its_numbers_are_shown():
+    """A tiny-profile backbone whose miniature the registry finds mechanics only (ViT-L/14:
+    not measured) is marked in the legends, the claims' values and a page note; RN50's
+    miniature is meaningful, and the full profile has no miniature at all."""
+    trials = pd.DataFrame({"experiment": ["e", "e"], "trial_id": ["a", "b"],
+                           "kind": ["fixed", "fixed"], "backbone": ["rn50", "vitl14"],
+                           "version": ["v1", "v1"], "seed": [0, 0], "test_rank1": [0.5, 0.4]})
+    tiny = tables.with_miniature(trials, "tiny")
+    labels = trial_labels(tiny)
+    assert labels[("e", "a")] == "rn50 v1 s0"
+    assert labels[("e", "b")] == "vitl14 v1 s0 (mechanics only)"
+    assert list(claims.seed_values(tiny)["label"]) == ["rn50-v1", "vitl14-v1 (mechanics only)"]
+    assert trial_labels(tables.with_miniature(trials, "full"))[("e", "b")] == "vitl14 v1 s0"
+    notes = report_module._miniature_notes([types.SimpleNamespace(meta={"profile": "tiny"},
+                                                                   trials=trials)])
+    assert len(notes) == 1 and notes[0].startswith("ViT-L/14 (vitl14), tiny profile: "
+                                                   "mechanics only.")

@@ -31,6 +31,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from ..model.registry import BACKBONES
 from ..resources import resource_path
 from . import claims, figures, tables
 from .data import Experiment, load_experiment, load_zero_shot, param_importances
@@ -118,8 +119,10 @@ def _read(experiment_dirs: Iterable[str | Path], reference_csv: str | Path | Non
     zero_shots = list(given_zero_shots)
     if comparable and reference is not None:
         zero_shots += _thesis_zero_shots(reference_csv)
+    notes += _miniature_notes(experiments)
     return _Read(experiments=experiments,
-                 trials=_concat([e.trials for e in experiments]),
+                 trials=_concat([tables.with_miniature(e.trials, e.meta.get("profile"))
+                                 for e in experiments]),
                  history=_concat([e.history.assign(experiment=e.name) for e in experiments
                                   if not e.history.empty]),
                  notes=notes, reference=reference, comparable=comparable,
@@ -170,7 +173,7 @@ def trial_labels(trials: pd.DataFrame) -> dict[tuple[str, str], str]:
             label = f"search {tables.first_run_id(row)} {_replicate(row)}"
         else:
             label = f"search {row['trial_id']}"
-        labels[(row["experiment"], row["trial_id"])] = label
+        labels[(row["experiment"], row["trial_id"])] = tables.marked(label, row)
     return labels
 
 
@@ -202,6 +205,18 @@ def _coverage_notes(experiments: list[Experiment]) -> list[str]:
         notes.append("No search experiment read: parameter importance and optimisation "
                      "history (sections 5-6) are empty.")
     return notes
+
+
+def _miniature_notes(experiments: list[Experiment]) -> list[str]:
+    """One note per tiny-profile backbone whose miniature is mechanics only."""
+    found = sorted({str(b) for e in experiments if e.meta.get("profile") == "tiny"
+                    and "backbone" in e.trials for b in e.trials["backbone"].dropna().unique()
+                    if b in BACKBONES and BACKBONES[b].miniature == tables.MECHANICS_ONLY})
+    return [f"{BACKBONES[b].label} ({b}), tiny profile: {tables.MECHANICS_ONLY}. On the "
+            f"embedded default its fine-tuning does not move test Rank-1 beyond its zero-shot "
+            f"level and the seed noise (README, 'The miniature, measured'), so its numbers "
+            f"here show that the path runs, not what a knob is worth; its labels are marked "
+            f"'({tables.MECHANICS_ONLY})'." for b in found]
 
 
 def _reference(path: str | Path | None) -> tuple[pd.DataFrame | None, str]:

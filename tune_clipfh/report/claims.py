@@ -47,17 +47,19 @@ from ..tune.selection import Configuration, Selection, select
 from .reference import version_number
 from .tables import (
     METRIC_NAMES,
+    MINIATURE_COLUMN,
     NOT_KNOBS,
     RACE_COLUMN,
     configuration_key,
     configuration_name,
     format_value,
+    marked,
 )
 
 CLAIM_COLUMNS = ["comparison", "claim", "a", "b", "value_a", "value_b", "delta", "noise",
                  "seeds_a", "seeds_b", "noise_borrowed", "verdict"]
 VALUE_COLUMNS = ["key", "kind", "experiment", "backbone", "version", "label", "value", "std",
-                 "seeds"]
+                 "seeds", MINIATURE_COLUMN]
 BEYOND = "beyond the seed noise"
 WITHIN = "within the seed noise"
 UNKNOWN = "noise unknown (one seed): not a claim"
@@ -187,10 +189,12 @@ def seed_values(trials: pd.DataFrame) -> pd.DataFrame:
         first = group.iloc[0]
         percent = 100 * group["test_rank1"].astype(float)
         rows.append({
+            MINIATURE_COLUMN: first.get(MINIATURE_COLUMN, ""),
             "key": key, "kind": first.get("kind"), "experiment": first.get("experiment"),
             "backbone": first.get("backbone"), "version": first.get("version"),
-            "label": f"{first.get('backbone')}-{first.get('version')}"
-            if first.get("kind") == "fixed" else configuration_name(first),
+            "label": marked(f"{first.get('backbone')}-{first.get('version')}"
+                            if first.get("kind") == "fixed" else configuration_name(first),
+                            first),
             "value": percent.mean(),
             "std": percent.std(ddof=1),  # NaN for one seed
             "seeds": len(group)})
@@ -222,7 +226,9 @@ def configuration_side(config: Configuration, values: pd.DataFrame) -> Side | No
     its std borrowed when it has one; None when no run has test results."""
     if not config.test_rank1:
         return None
-    row = pd.Series({"label": config.label, "backbone": config.backbone,
+    same = values[values["key"] == config.key]
+    label = marked(config.label, same.iloc[0]) if len(same) else config.label
+    row = pd.Series({"label": label, "backbone": config.backbone,
                      "value": 100 * config.test_mean, "std": 100 * config.test_std,
                      "seeds": len(config.test_rank1)})
     return side(row, values)

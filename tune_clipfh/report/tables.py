@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from ..evaluation import UPSTREAM_COLUMNS, upstream_table_row
+from ..model.registry import BACKBONES
 from ..tune.searcher import RACE_OF
 from .reference import (  # noqa: F401  (re-exported: the report's tests read them here)
     THESIS_LABEL,
@@ -68,6 +69,27 @@ METRIC_NAMES = {"best_val_rank1": "validation Rank-1", "best_val_mAP": "validati
 TRAIN_COLUMNS = ("version", "epoch", "learning_rate", "loss_id", "loss_triplet", "loss_center",
                  "loss_i2t", "loss_t2i", "rank1", "rank5", "rank10", "map", "is_best")
 RUN_COLUMNS = ("trial_id", "seed", "backbone", "experiment")
+MINIATURE_COLUMN = "miniature"
+"""A trial's backbone's ``miniature`` finding when its experiment ran the tiny profile."""
+MECHANICS_ONLY = "mechanics only"
+
+
+def with_miniature(trials: pd.DataFrame, profile: str | None) -> pd.DataFrame:
+    """``trials`` with :data:`MINIATURE_COLUMN`: the registry's finding for a tiny-profile
+    experiment's backbones, empty for the full profile (no miniature)."""
+    def finding(backbone: object) -> str:
+        spec = BACKBONES.get(str(backbone))
+        return spec.miniature if profile == "tiny" and spec is not None else ""
+    if trials.empty or "backbone" not in trials:
+        return trials
+    return trials.assign(**{MINIATURE_COLUMN: trials["backbone"].map(finding)})
+
+
+def marked(label: str, row: pd.Series) -> str:
+    """A label of a tiny-profile configuration whose backbone's miniature is mechanics only,
+    marked so wherever it is shown."""
+    return f"{label} ({MECHANICS_ONLY})" if row.get(MINIATURE_COLUMN) == MECHANICS_ONLY \
+        else label
 
 
 # ---------------------------------------------------------------------------------------------
