@@ -4,9 +4,9 @@ On the synthetic 11k-like dataset with the tiny CLIPs pretrained on synthetic ca
 
 1. the tiny RN50's zero-shot evaluation: what fine-tuning has to beat;
 2. ``reproduce``: the best thesis version of RN50 in the miniature (v5) with two seeds, so the
-   report knows its seed noise (ViT-B/16, whose miniature stays at its zero-shot floor, is
-   left out: README);
-3. ``search`` on RN50, the backbone whose miniature learns, warm-started with the measured
+   report knows its seed noise (ViT-B/16, whose fine-tuning in the miniature stays at its
+   zero-shot level, is left out: README);
+3. ``search`` on RN50, the backbone whose fine-tuning in the miniature learns, warm-started with the measured
    version and ending with a race of its best configuration;
 4. the report, whose claims compare the search's choice and the version with RN50's zero-shot
    and with each other, each against its seed noise, and ``best``'s configuration file.
