@@ -3,23 +3,38 @@ says how to install it, instead of an ImportError deep inside a run."""
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 from .errors import UserError
 
-EXTRAS = {"mlflow": ("mlflow", "MLflow tracking (--mlflow)"),
-          "dashboard": ("optuna_dashboard", "the dashboard")}
-"""extra name -> (the module it installs, what needs it)."""
+
+def _mlflow() -> ModuleType:
+    import mlflow
+
+    return mlflow
+
+
+def _optuna_dashboard() -> ModuleType:
+    import optuna_dashboard
+
+    return optuna_dashboard
+
+
+EXTRAS: dict[str, tuple[Callable[[], ModuleType], str]] = {
+    "mlflow": (_mlflow, "MLflow tracking (--mlflow)"),
+    "dashboard": (_optuna_dashboard, "the dashboard")}
+"""extra name -> (the import of the module it installs, what needs it); literal imports, so
+no module name is ever computed (tests/test_reliability.py checks the package for that)."""
 MLFLOW_ENV = "TUNE_CLIPFH_MLFLOW_URI"
 """The environment variable whose tracking URI is ``--mlflow``'s default."""
 
 
 def require(extra: str) -> ModuleType:
     """The module of ``extra`` (``mlflow``, ``dashboard``), or a UserError naming the install."""
-    module, what = EXTRAS[extra]
+    load, what = EXTRAS[extra]
     try:
-        return importlib.import_module(module)
+        return load()
     except ImportError:
         raise UserError(f"{what} needs the {extra} extra: pip install "
                         f"'tune-clipfh[{extra}]'") from None
