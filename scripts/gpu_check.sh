@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA card, in one short run (about 8 minutes at most): what the
 # CPU-only test suite cannot show. Each step has its own time limit, so one that hangs still
-# leaves the others' figures. Logs and JSON go to $OUT (default ./gpu_check); each step's tail
-# is printed.
+# leaves the others' figures. Logs and JSON go to $OUT (default runs/gpu_check); each step's
+# tail is printed.
 #
 #   1. bench line 8: stage-2 training-step images/s at 224 px, fp32 against bf16 AMP, MFU, and
 #      feature extraction, for ViT-B/16 and RN50 (random weights: speed does not need OpenAI's)
@@ -15,12 +15,13 @@
 #
 # Usage: scripts/gpu_check.sh   (TUNE_CLIPFH and PYTHON name other commands; OUT the folder)
 set -u
-OUT=${OUT:-gpu_check}
+OUT=${OUT:-runs/gpu_check}
 TC=${TUNE_CLIPFH:-tune-clipfh}
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT  # also when a step is interrupted
 
 step() {  # step NAME LIMIT_S COMMAND...: run with a limit, log to $OUT/NAME.log, print its tail
     local name=$1 limit=$2 started rc
@@ -51,4 +52,3 @@ step bench_pipeline 75 $TC bench --only 3 --quick --json "$OUT/bench_pipeline.js
 
 TAIL=15 step pytest 120 $PY -m pytest -q -p no:cacheprovider tests/test_train.py \
     tests/test_learning.py tests/test_full_profile.py tests/test_losses.py
-rm -rf "$work"
