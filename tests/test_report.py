@@ -403,6 +403,17 @@ def test_loss_figure_has_one_panel_per_logged_loss_of_the_table(monkeypatch):
     assert "extra 2" in titles and "SupCon text-to-image" in titles
 
 
+def test_parallel_coordinates_need_a_knob_that_differs(loaded):
+    """One version over seeds has no knob axis to draw: no figure (the panel says why)."""
+    _, trials, _, _ = loaded
+    fixed = trials[trials["kind"] == "fixed"]
+    assert fixed["config/version"].nunique() == 2
+    assert figures.parallel_figure(fixed, "versions") is not None
+    seeds = pd.concat([fixed.iloc[:1]] * 2).assign(**{"config/seed": [0, 1]})
+    assert seeds["best_val_rank1"].notna().all()
+    assert figures.parallel_figure(seeds, "one version, two seeds") is None
+
+
 def test_zero_shot_evaluations_are_reference_points_in_figures_1_and_2(experiments, loaded,
                                                                        tmp_path):
     folder = tmp_path / "zs"

@@ -264,7 +264,8 @@ def _parallel_panels(experiments: list[Experiment]) -> list[Panel]:
         panels.append(Panel(
             figures.parallel_figure(exp.trials, f"Parallel coordinates, {exp.name} ({what})"),
             caption=figures.CAPTIONS["parallel"],
-            missing=f"{exp.name}: fewer than two trials with a validation metric."))
+            missing=f"{exp.name}: fewer than two trials with a validation metric, or no knob "
+                    f"differs between them."))
     return panels or [Panel(missing="no experiment has trials.")]
 
 

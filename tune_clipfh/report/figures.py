@@ -311,7 +311,8 @@ def _few_epochs(rows: pd.DataFrame) -> bool:
 
 def parallel_figure(trials: pd.DataFrame, title: str,
                     metric: str = "best_val_rank1") -> go.Figure | None:
-    """Knobs -> best validation metric, one line per trial with a metric.
+    """Knobs -> best validation metric, one line per trial with a metric; None with fewer than
+    two such trials or no knob that differs between them.
 
     Search trials: every sampled knob; fixed trials: the knobs that differ between them.
     Learning rates and decays spanning more than a decade are drawn as log10. A conditional
@@ -323,6 +324,8 @@ def parallel_figure(trials: pd.DataFrame, title: str,
     kinds = set(rows["kind"])
     columns = knob_columns(rows) if kinds == {"search"} else varying_knobs(rows)
     columns = [c for c in columns if _distinct(rows[c]) > 1][:MAX_PARALLEL_DIMENSIONS]
+    if not columns:  # e.g. one version over seeds: a lone metric axis would show nothing
+        return None
     dimensions = [_dimension(c.split("/", 1)[1], rows[c]) for c in columns]
     values = 100 * rows[metric].astype(float)
     label = "best val Rank-1 (%)" if metric == "best_val_rank1" else f"{metric} (%)"
